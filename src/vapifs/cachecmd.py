@@ -1,0 +1,89 @@
+"""`vapifs cache stats|verify|clear`: look after the on-disk cache from the command line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .cache import BlockCache, MetaStore
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def running_mounts(cache_dir: Path) -> list[dict[str, Any]]:
+    """Figures published by live mounts using this cache dir."""
+    found = []
+    for path in sorted((cache_dir / "run").glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+            pid = int(doc["pid"])
+            os.kill(pid, 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < time.time() - 60:
+                    path.unlink()
+            continue
+        found.append(doc)
+    return found
+
+
+def run_cache_command(action: str, cache_dir: Path) -> int:
+    cache_dir = cache_dir.expanduser()
+    if not cache_dir.exists():
+        print(f"{cache_dir}: no cache here yet")
+        return 0
+    cache = BlockCache(cache_dir, max_bytes=1 << 62)
+    cache.open()
+    if action == "stats":
+        s = cache.stats()
+        print(f"cache dir:   {cache_dir}")
+        print(f"bytes:       {s.bytes} ({_human(s.bytes)})")
+        print(f"blocks:      {s.blocks}")
+        print(f"artifacts:   {s.artifacts}")
+        print(f"oldest access: {_when(s.oldest_access)}")
+        print(f"newest access: {_when(s.newest_access)}")
+        mounts = running_mounts(cache_dir)
+        if not mounts:
+            print("running mounts: none")
+        for doc in mounts:
+            hits, misses = int(doc.get("cache_hits", 0)), int(doc.get("cache_misses", 0))
+            mem = int(doc.get("reader_blocks_from_memory", 0))
+            net = int(doc.get("reader_blocks_from_network", 0))
+            disk = int(doc.get("reader_blocks_from_disk", 0))
+            total = mem + disk + net
+            rate = f"{100 * (mem + disk) / total:.1f}%" if total else "-"
+            print(
+                f"running mount: pid {doc['pid']} on {doc.get('mountpoint')}: hit rate {rate} "
+                f"({mem} memory + {disk} disk of {total} blocks; disk {hits} hits, "
+                f"{misses} misses)"
+            )
+        return 0
+    if action == "verify":
+        report = cache.verify()
+        print(
+            f"checked {report.checked} blocks: {report.bad} bad"
+            + (f" (dropped, {_human(report.bad_bytes)})" if report.bad else "")
+        )
+        return 0
+    if action == "clear":
+        dropped = cache.clear()
+        MetaStore(cache_dir).clear()
+        mounts = running_mounts(cache_dir)
+        note = f" ({len(mounts)} running mount(s) will fetch again as needed)" if mounts else ""
+        print(f"cleared {dropped} blocks from {cache_dir}{note}")
+        return 0
+    raise ValueError(action)

@@ -1,0 +1,238 @@
+"""Ranged GETs on signed URLs, delivered block by block, with retries that resume."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+
+import httpx
+import trio
+
+from .api import Resolution
+from .cache import Version
+from .errors import KeyRejected, NetworkError, VersionChanged
+from .resolver import Resolver
+from .retry import RetryPolicy, parse_retry_after
+
+log = logging.getLogger("vapifs.fetch")
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_UNSATISFIED = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
+# Storage answers that mean "this signed URL is no good any more: ask the API for another".
+_REFUSED = {400, 401, 403, 404, 410}
+_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+Sink = Callable[[int, bytes], Awaitable[None]]
+
+
+def version_of(response: httpx.Response, size: int) -> Version:
+    etag = response.headers.get("etag")
+    if etag is not None and etag.startswith("W/"):
+        etag = etag[2:]
+    return Version(size, etag, response.headers.get("last-modified"))
+
+
+class _Retry(Exception):
+    """This try failed in a way worth another (after a backoff)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class _Refused(Exception):
+    """The storage host refused the signed URL: resolve again, right away."""
+
+
+class Fetcher:
+    """Downloads runs of whole blocks of an artifact and hands each block to a sink.
+
+    A run is requested as one ranged GET; a connection cut, a stall or a refused URL resumes
+    from the first block not yet delivered, so no block is ever assembled from two responses.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        resolver: Resolver,
+        *,
+        block_size: int,
+        policy: RetryPolicy | None = None,
+        max_connections: int = 16,
+        max_refusals: int = 6,
+    ) -> None:
+        self._client = client
+        self._resolver = resolver
+        self.block_size = block_size
+        self._policy = policy or RetryPolicy()
+        self._limiter = trio.CapacityLimiter(max_connections)
+        self._max_refusals = max_refusals
+        self.requests = 0
+        self.bytes_received = 0
+
+    async def fetch(
+        self,
+        call_id: str,
+        kind: str,
+        first: int,
+        count: int,
+        expect: Version | None,
+        sink: Sink,
+    ) -> Version:
+        """Fetch blocks [first, first+count) (clipped to the artifact's end); return its version.
+
+        With `expect` None the version is learnt from the response (size discovery).
+        Raises VersionChanged when the server's version differs from `expect`.
+        """
+        bs = self.block_size
+        pos = first * bs
+        end = (first + count) * bs
+        if expect is not None:
+            end = min(end, expect.size)
+        version = expect
+        failures = 0
+        refusals = 0
+        last = "no attempt"
+        while version is None or pos < end:
+            resolution = await self._resolver.get(call_id, kind)
+            start_pos = pos
+            try:
+                async with self._limiter:
+                    version, pos, end = await self._one_request(
+                        resolution, call_id, kind, pos, end, version, sink
+                    )
+            except _Refused as exc:
+                self._resolver.invalidate(call_id, kind, resolution)
+                refusals += 1
+                last = str(exc)
+                if refusals > self._max_refusals:
+                    raise NetworkError(
+                        f"{call_id}/{kind}: storage kept refusing fresh signed URLs ({last})"
+                    ) from None
+                log.debug("fetch: %s/%s: %s; resolving again", call_id, kind, last)
+                continue
+            except _Retry as exc:
+                if pos > start_pos:
+                    failures = 0
+                failures += 1
+                last = str(exc)
+                if failures >= self._policy.attempts:
+                    raise NetworkError(
+                        f"{call_id}/{kind}: storage gave up after {failures} tries ({last})"
+                    ) from None
+                delay = self._policy.delay(failures - 1, exc.retry_after)
+                log.debug("fetch: %s/%s: %s; retrying in %.2fs", call_id, kind, last, delay)
+                await trio.sleep(delay)
+                continue
+            if version is not None and version.size == 0:
+                break
+        assert version is not None
+        return version
+
+    async def _one_request(
+        self,
+        resolution: Resolution,
+        call_id: str,
+        kind: str,
+        pos: int,
+        end: int,
+        version: Version | None,
+        sink: Sink,
+    ) -> tuple[Version, int, int]:
+        """One GET of bytes [pos, end); returns (version, new pos, end) after delivering."""
+        bs = self.block_size
+        headers = {"Range": f"bytes={pos}-{end - 1}", "Accept-Encoding": "identity"}
+        headers.update(resolution.headers)
+        self.requests += 1
+        try:
+            request = self._client.build_request("GET", resolution.url, headers=headers)
+            response = await self._client.send(request, stream=True, follow_redirects=False)
+        except httpx.TransportError as exc:
+            raise _Retry(type(exc).__name__) from None
+        try:
+            status = response.status_code
+            if status in _REFUSED:
+                if resolution.direct and status == 401:
+                    raise KeyRejected("the API key was refused")
+                raise _Refused(f"storage answered HTTP {status}")
+            if status in _RETRY_STATUS:
+                raise _Retry(
+                    f"storage answered HTTP {status}",
+                    parse_retry_after(response.headers.get("retry-after")),
+                )
+            if status == 416:
+                match = _UNSATISFIED.match(response.headers.get("content-range", ""))
+                if match:
+                    new = version_of(response, int(match.group(1)))
+                    if version is None and pos >= new.size:
+                        return new, pos, min(end, new.size)
+                    if version is not None and new != version:
+                        raise VersionChanged(f"{call_id}/{kind} changed size", new)
+                raise _Retry("storage answered HTTP 416")
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise _Retry(f"storage sent a {encoding}-encoded body")
+            skip = 0
+            if status == 206:
+                match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+                if not match or match.group(3) == "*":
+                    raise _Retry("storage sent a 206 without a usable Content-Range")
+                r_start, r_stop, total = (
+                    int(match.group(1)),
+                    int(match.group(2)),
+                    int(match.group(3)),
+                )
+                if r_start != pos or r_stop >= max(end, pos + 1) or r_stop >= total:
+                    raise _Retry(
+                        f"storage sent bytes {r_start}-{r_stop}, not the {pos}-{end - 1} asked"
+                    )
+                body_end = r_stop + 1
+            elif status == 200:
+                # The host ignored Range: skip to the wanted offset in the whole body.
+                length = response.headers.get("content-length")
+                if length is None or not length.isdigit():
+                    raise _Retry("storage ignored Range and sent no Content-Length")
+                total = int(length)
+                skip = pos
+                body_end = total
+            else:
+                raise _Retry(f"storage answered HTTP {status}")
+            got = version_of(response, total)
+            if version is None:
+                version = got
+            elif got != version:
+                raise VersionChanged(f"{call_id}/{kind} changed on the server", got)
+            end = min(end, version.size)
+            if pos >= end:
+                return version, pos, end
+            body_end = min(body_end, end)
+            buf = bytearray()
+            index = pos // bs
+            need = min(bs, version.size - index * bs)
+            try:
+                async for chunk in response.aiter_raw():
+                    if skip:
+                        if len(chunk) <= skip:
+                            skip -= len(chunk)
+                            continue
+                        chunk = chunk[skip:]
+                        skip = 0
+                    self.bytes_received += len(chunk)
+                    buf += chunk
+                    while len(buf) >= need and pos < body_end:
+                        block = bytes(buf[:need])
+                        del buf[:need]
+                        await sink(index, block)
+                        pos += need
+                        index += 1
+                        need = min(bs, version.size - index * bs)
+                    if pos >= body_end:
+                        break
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                raise _Retry(f"{type(exc).__name__} after {pos} bytes") from None
+            if pos < body_end:
+                raise _Retry("storage closed the body early")
+            return version, pos, end
+        finally:
+            await response.aclose()

@@ -1,0 +1,186 @@
+"""The pyfuse3 adapter: FUSE requests to tree calls, errors to errnos, and file handles."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from .api import describe
+from .errors import VapifsError
+from .reader import Stream
+from .tree import Node, Tree
+
+log = logging.getLogger("vapifs.fs")
+
+T = TypeVar("T")
+
+IMMUTABLE_TIMEOUT = 3600.0
+MUTABLE_TIMEOUT = 1.0
+
+
+@dataclass
+class _Handle:
+    node: Node
+    stream: Stream
+
+
+class Operations(pyfuse3.Operations):
+    """Read-only FUSE operations over a `Tree`; every write answers EROFS."""
+
+    enable_writeback_cache = False
+    supports_dot_lookup = False
+
+    def __init__(
+        self, tree: Tree, *, uid: int | None = None, gid: int | None = None, umask: int = 0o022
+    ) -> None:
+        super().__init__()
+        self.tree = tree
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.umask = umask
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self.open_files = 0
+
+    async def _guard(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a tree call; turn its failures into the one FUSEError a handler may raise."""
+        try:
+            return await call()
+        except pyfuse3.FUSEError:
+            raise
+        except VapifsError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("%s: %s", what, describe(exc))
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("%s: unexpected error", what)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.inode
+        if node.is_dir:
+            attrs.st_mode = stat.S_IFDIR | (0o555 & ~self.umask)
+            attrs.st_nlink = 2
+            attrs.st_size = 0
+        else:
+            attrs.st_mode = stat.S_IFREG | (0o444 & ~self.umask)
+            attrs.st_nlink = 1
+            attrs.st_size = self.tree.size(node)
+        attrs.st_uid = self.uid
+        attrs.st_gid = self.gid
+        ns = int(node.mtime * 1e9)
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = ns
+        attrs.st_blksize = 1 << 20
+        attrs.st_blocks = (attrs.st_size + 511) // 512
+        timeout = IMMUTABLE_TIMEOUT if node.immutable else MUTABLE_TIMEOUT
+        attrs.entry_timeout = timeout
+        attrs.attr_timeout = timeout
+        return attrs
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        text = name.decode("utf-8", "surrogateescape")
+        node = await self._guard(f"lookup {text!r}", lambda: self.tree.lookup(parent_inode, text))
+        return self._attrs(node)
+
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        async def get() -> Node:
+            return self.tree.node(inode)
+
+        return self._attrs(await self._guard("getattr", get))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        return None  # nodes are few and cheap: keep them for the life of the mount
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = await self._guard("opendir", self._node_of(inode))
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    def _node_of(self, inode: int) -> Callable[[], Awaitable[Node]]:
+        async def get() -> Node:
+            return self.tree.node(inode)
+
+        return get
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        children = await self._guard("readdir", lambda: self.tree.children(fh))
+        for index in range(start_id, len(children)):
+            child = children[index]
+            if not pyfuse3.readdir_reply(
+                token, child.name.encode("utf-8", "surrogateescape"), self._attrs(child), index + 1
+            ):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = await self._guard("open", self._node_of(inode))
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _Handle(node, Stream())
+        self.open_files = len(self._handles)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=node.immutable, direct_io=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self._guard(
+            f"read {handle.node.call_id}/{handle.node.name}",
+            lambda: self.tree.read(handle.node, off, size, handle.stream),
+        )
+
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+        self.open_files = len(self._handles)
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return not mode & os.W_OK
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 1 << 20
+        data.f_namemax = 255
+        return data
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return []
+
+    # Everything that would change the tree: a read-only file system says EROFS.
+    async def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = _read_only
+    mknod = _read_only
+    mkdir = _read_only
+    unlink = _read_only
+    rmdir = _read_only
+    symlink = _read_only
+    rename = _read_only
+    link = _read_only
+    create = _read_only
+    write = _read_only
+    setxattr = _read_only
+    removexattr = _read_only
+    fallocate = _read_only

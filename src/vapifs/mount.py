@@ -1,0 +1,299 @@
+"""Mount lifecycle: checks, logging, daemonising, the trio/pyfuse3 main loop, clean unmount."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pyfuse3
+import trio
+
+from . import __version__
+from .api import VapiClient, describe
+from .cache import BlockCache, MetaStore
+from .errors import KeyRejected, VapifsError
+from .fetch import Fetcher
+from .fs import Operations
+from .reader import ArtifactStore
+from .redact import REDACTOR, RedactingFilter
+from .resolver import Resolver
+from .retry import RetryPolicy
+from .tree import Tree
+
+log = logging.getLogger("vapifs")
+
+
+class MountError(Exception):
+    """A reason not to mount, printed as one line; exit status 1."""
+
+
+@dataclass
+class MountOptions:
+    mountpoint: Path
+    api_url: str
+    api_key: str
+    cache_dir: Path
+    cache_size: int
+    foreground: bool = False
+    fuse_options: list[str] = field(default_factory=list)
+    debug: bool = False
+    log_file: Path | None = None
+    revalidate: float = 86400.0
+    dir_ttl: float = 60.0
+    window_days: float = 14.0
+    read_timeout: float = 30.0
+    stall_timeout: float = 10.0
+    connect_timeout: float = 5.0
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vapifs"
+
+
+def setup_logging(debug: bool, log_file: Path | None, to_stderr: bool) -> None:
+    handlers: list[logging.Handler] = []
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        handlers.append(logging.StreamHandler(os.fdopen(fd, "a", buffering=1)))
+    if to_stderr:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    for handler in handlers:
+        handler.addFilter(RedactingFilter())
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # These log full request URLs, signatures included: keep them quiet whatever the level.
+    for noisy in ("httpx", "httpcore", "hpack"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.exists():
+        raise MountError(f"mountpoint {mountpoint} does not exist")
+    if not mountpoint.is_dir():
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point (try: vapifs umount {mountpoint})")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("FUSE is not available: /dev/fuse is missing (install fuse3, load 'fuse')")
+    if shutil.which("fusermount3") is None and os.getuid() != 0:
+        raise MountError("fusermount3 is missing: install the fuse3 package")
+
+
+def fuse_options(opts: MountOptions) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options.discard("default_permissions")
+    options |= {"fsname=vapifs", "subtype=vapifs", "ro", "default_permissions"}
+    for chunk in opts.fuse_options:
+        options |= {o.strip() for o in chunk.split(",") if o.strip()}
+    return options
+
+
+def _harden_process() -> None:
+    """Secrets live in our memory: never let them into a core dump."""
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+class _Notifier:
+    """Tells the parent of a daemon (or nobody, in the foreground) how the mount went."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def send(self, message: str) -> None:
+        if self._fd is None:
+            if message != "ok":
+                print(f"vapifs: {message}", file=sys.stderr)
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._fd, (message + "\n").encode())
+            os.close(self._fd)
+        self._fd = None
+
+
+def _write_runtime(path: Path, payload: dict[str, object]) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
+
+
+async def _serve(opts: MountOptions, notifier: _Notifier) -> int:
+    timeout = httpx.Timeout(
+        connect=opts.connect_timeout, read=opts.stall_timeout, write=10.0, pool=opts.read_timeout
+    )
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
+    headers = {"User-Agent": f"vapifs/{__version__}"}
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as client:
+        api = VapiClient(client, opts.api_url, opts.api_key, policy=RetryPolicy())
+        try:
+            with trio.fail_after(opts.read_timeout):
+                await api.check_key()
+        except KeyRejected as exc:
+            notifier.send(describe(exc))
+            return 1
+        except (VapifsError, trio.TooSlowError) as exc:
+            log.warning(
+                "the Vapi API is unreachable (%s); mounting anyway and serving the cache",
+                describe(exc),
+            )
+        opts.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cache = BlockCache(opts.cache_dir, opts.cache_size)
+        meta = MetaStore(opts.cache_dir)
+        await trio.to_thread.run_sync(cache.open)
+        async with trio.open_nursery() as nursery:
+            resolver = Resolver(api)
+            fetcher = Fetcher(client, resolver, block_size=cache.block_size)
+            store = ArtifactStore(
+                nursery,
+                cache,
+                meta,
+                fetcher,
+                revalidate_after=opts.revalidate,
+                read_timeout=opts.read_timeout,
+            )
+            tree = Tree(api, store, meta, window_days=opts.window_days, dir_ttl=opts.dir_ttl)
+            ops = Operations(tree)
+            tree.on_invalidate = _invalidator(nursery)
+            try:
+                pyfuse3.init(ops, str(opts.mountpoint), fuse_options(opts))
+            except RuntimeError as exc:
+                notifier.send(f"cannot mount {opts.mountpoint}: {exc}")
+                nursery.cancel_scope.cancel()
+                return 1
+            runtime = opts.cache_dir / "run"
+            runtime.mkdir(exist_ok=True, mode=0o700)
+            stats_path = runtime / f"{os.getpid()}.json"
+
+            async def ready() -> None:
+                await trio.to_thread.run_sync(os.stat, opts.mountpoint)
+                log.info("vapifs %s mounted %s on %s", __version__, opts.api_url, opts.mountpoint)
+                notifier.send("ok")
+
+            async def on_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as it:
+                    async for signum in it:
+                        log.info("%s: unmounting", signal.Signals(signum).name)
+                        pyfuse3.terminate()
+                        return
+
+            async def write_stats() -> None:
+                started = time.time()
+                while True:
+                    payload: dict[str, object] = {
+                        "pid": os.getpid(),
+                        "mountpoint": str(opts.mountpoint),
+                        "started": started,
+                        "updated": time.time(),
+                        "api_requests": api.requests,
+                        "resolutions": resolver.resolutions,
+                        "storage_requests": fetcher.requests,
+                        "bytes_from_network": fetcher.bytes_received,
+                        "cache_hits": cache.hits,
+                        "cache_misses": cache.misses,
+                        "open_files": ops.open_files,
+                        **{f"reader_{k}": v for k, v in vars(store.stats).items()},
+                    }
+                    with contextlib.suppress(OSError):
+                        await trio.to_thread.run_sync(_write_runtime, stats_path, payload)
+                    await trio.sleep(2.0)
+
+            nursery.start_soon(ready)
+            nursery.start_soon(on_signals)
+            nursery.start_soon(write_stats)
+            try:
+                await pyfuse3.main()
+            finally:
+                pyfuse3.close(unmount=True)
+                with contextlib.suppress(OSError):
+                    stats_path.unlink()
+                nursery.cancel_scope.cancel()
+    log.info("unmounted %s", opts.mountpoint)
+    return 0
+
+
+def _invalidator(nursery: trio.Nursery) -> Callable[[int], None]:
+    def invalidate(inode: int) -> None:
+        async def run() -> None:
+            with contextlib.suppress(OSError):
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+
+        nursery.start_soon(run)
+
+    return invalidate
+
+
+def run_mount(opts: MountOptions) -> int:
+    """Mount; in the foreground until a signal, else return once the mount answers."""
+    check_mountpoint(opts.mountpoint)
+    REDACTOR.add_secret(opts.api_key)
+    _harden_process()
+    if opts.foreground:
+        setup_logging(opts.debug, opts.log_file, to_stderr=True)
+        return trio.run(_serve, opts, _Notifier(None))
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            answer = pipe.readline().decode(errors="replace").strip()
+        if answer == "ok":
+            return 0
+        os.waitpid(pid, 0)
+        print(f"vapifs: {answer or 'the mount process died while starting'}", file=sys.stderr)
+        return 1
+    # The daemon: its own session, no terminal, logs to a file.
+    os.close(read_fd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    log_file = opts.log_file or (opts.cache_dir / "vapifs.log")
+    code = 1
+    try:
+        setup_logging(opts.debug, log_file, to_stderr=False)
+        code = trio.run(_serve, opts, _Notifier(write_fd))
+    except BaseException as exc:
+        log.exception("the mount stopped on an error")
+        _Notifier(write_fd).send(f"mount failed: {describe(exc)}")
+    finally:
+        os._exit(code)
+
+
+def run_umount(mountpoint: Path) -> int:
+    if not os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    reason = "neither fusermount3 nor umount is installed"
+    for command in (["fusermount3", "-u", str(mountpoint)], ["umount", str(mountpoint)]):
+        if shutil.which(command[0]) is None:
+            continue
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode == 0:
+            return 0
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        reason = lines[-1] if lines else f"{command[0]} failed"
+        if "busy" in reason.lower():
+            raise MountError(f"{mountpoint} is busy: close the files open on it, then retry")
+    raise MountError(f"cannot unmount {mountpoint}: {reason}")

@@ -1,0 +1,371 @@
+"""Reads of artifacts: block splitting, single flight, the memory and disk caches, read-ahead."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+from cachetools import LRUCache
+
+from .cache import BlockCache, MetaStore, Version
+from .errors import NetworkError, VapifsError, VersionChanged
+from .fetch import Fetcher
+
+log = logging.getLogger("vapifs.reader")
+
+BlockKey = tuple[str, str, str, int]  # (call id, kind, version token, block index)
+
+# A run of blocks fetched by one ranged request: long enough to amortise a round trip,
+# short enough that a reader waiting on the first block does not wait long.
+MAX_RUN_BLOCKS = 8
+
+
+@dataclass
+class Stream:
+    """Per open file: where the last read ended and how far ahead to fetch."""
+
+    next_offset: int = -1
+    window: int = 0  # blocks of read-ahead
+
+
+@dataclass
+class _Pending:
+    event: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _Artifact:
+    version: Version | None = None
+    checked_at: float = 0.0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+@dataclass
+class ReaderStats:
+    reads: int = 0
+    bytes_read: int = 0
+    blocks_from_memory: int = 0
+    blocks_from_disk: int = 0
+    blocks_from_network: int = 0
+    errors: int = 0
+
+
+class ArtifactStore:
+    """Everything needed to read any artifact of any call, block by block.
+
+    Blocks come from memory, then the disk cache, then the network; one download per block
+    however many readers want it; every block is tied to the artifact version it came from.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        cache: BlockCache,
+        meta: MetaStore,
+        fetcher: Fetcher,
+        *,
+        revalidate_after: float = 86400.0,
+        read_timeout: float = 30.0,
+        memory_bytes: int = 64 << 20,
+        max_readahead_blocks: int = 16,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._nursery = nursery
+        self.cache = cache
+        self.meta = meta
+        self.fetcher = fetcher
+        self.block_size = cache.block_size
+        self.revalidate_after = revalidate_after
+        self.read_timeout = read_timeout
+        self._max_readahead = max_readahead_blocks
+        self._now = wall_clock
+        self._memory: LRUCache[BlockKey, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
+        self._inflight: dict[BlockKey, _Pending] = {}
+        self._artifacts: dict[tuple[str, str], _Artifact] = {}
+        self._writes_send, self._writes_recv = trio.open_memory_channel[
+            tuple[str, str, Version, int, bytes]
+        ](32)
+        self.stats = ReaderStats()
+        self.on_version_change: Callable[[str, str], None] | None = None
+        for _ in range(2):
+            nursery.start_soon(self._writer)
+
+    # -- versions ------------------------------------------------------------------------
+
+    def known_version(self, call_id: str, kind: str) -> Version | None:
+        """The version in memory, without any I/O (for cheap attributes)."""
+        state = self._artifacts.get((call_id, kind))
+        return state.version if state else None
+
+    async def version(self, call_id: str, kind: str) -> Version:
+        """The artifact's current version (size, ETag), checked at most once per interval.
+
+        Discovery fetches block 0 as well, so a player's first read is already cached. When
+        the network is down, a version seen before is used as it is.
+        """
+        state = self._artifacts.setdefault((call_id, kind), _Artifact())
+        if state.version is not None and self._fresh(state):
+            return state.version
+        async with state.lock:
+            if state.version is None:
+                doc = await trio.to_thread.run_sync(self.meta.get, "artifact", f"{call_id}/{kind}")
+                if doc is not None:
+                    try:
+                        state.version = Version.from_json(doc["version"])
+                        state.checked_at = float(doc["checked_at"])
+                    except (KeyError, TypeError, ValueError):
+                        state.version = None
+            if state.version is not None and self._fresh(state):
+                return state.version
+            try:
+                await self._discover(call_id, kind, state)
+            except NetworkError as exc:
+                if state.version is None:
+                    raise
+                log.warning(
+                    "%s/%s: cannot check for a newer version (%s); serving the cached one",
+                    call_id,
+                    kind,
+                    exc,
+                )
+            assert state.version is not None
+            return state.version
+
+    def _fresh(self, state: _Artifact) -> bool:
+        return 0 <= self._now() - state.checked_at < self.revalidate_after
+
+    async def _discover(self, call_id: str, kind: str, state: _Artifact) -> None:
+        got: list[bytes] = []
+
+        async def keep(index: int, data: bytes) -> None:
+            got.append(data)
+
+        with trio.move_on_after(self.read_timeout) as scope:
+            new = await self.fetcher.fetch(call_id, kind, 0, 1, None, keep)
+        if scope.cancelled_caught:
+            raise NetworkError(f"{call_id}/{kind}: no answer within {self.read_timeout:g}s")
+        await self._adopt(call_id, kind, state, new)
+        if got:
+            self._deliver(call_id, kind, new, 0, got[0])
+
+    async def _adopt(self, call_id: str, kind: str, state: _Artifact, new: Version) -> None:
+        """Make `new` the artifact's version; drop every block of any other version."""
+        old = state.version
+        state.version = new
+        state.checked_at = self._now()
+        if old is not None and old != new:
+            log.warning("%s/%s changed on the server; dropping its cached blocks", call_id, kind)
+            for key in [k for k in self._memory if k[0] == call_id and k[1] == kind]:
+                self._memory.pop(key, None)
+            if self.on_version_change is not None:
+                self.on_version_change(call_id, kind)
+        await trio.to_thread.run_sync(self.cache.drop_other_versions, call_id, kind, new)
+        doc = {"version": new.to_json(), "checked_at": state.checked_at}
+        await trio.to_thread.run_sync(self.meta.put, "artifact", f"{call_id}/{kind}", doc)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def read(
+        self, call_id: str, kind: str, offset: int, size: int, stream: Stream | None = None
+    ) -> bytes:
+        """Bytes [offset, offset+size) of the artifact, clipped at its end."""
+        self.stats.reads += 1
+        try:
+            for _ in range(3):
+                version = await self.version(call_id, kind)
+                try:
+                    data = await self._read(call_id, kind, version, offset, size, stream)
+                except VersionChanged as exc:
+                    assert isinstance(exc.new_version, Version)
+                    state = self._artifacts.setdefault((call_id, kind), _Artifact())
+                    async with state.lock:
+                        await self._adopt(call_id, kind, state, exc.new_version)
+                    continue
+                self.stats.bytes_read += len(data)
+                return data
+            raise NetworkError(f"{call_id}/{kind} keeps changing on the server")
+        except VapifsError:
+            self.stats.errors += 1
+            raise
+
+    async def _read(
+        self,
+        call_id: str,
+        kind: str,
+        version: Version,
+        offset: int,
+        size: int,
+        stream: Stream | None,
+    ) -> bytes:
+        if offset >= version.size or size <= 0:
+            return b""
+        end = min(offset + size, version.size)
+        bs = self.block_size
+        first, last = offset // bs, (end - 1) // bs
+        with trio.move_on_after(self.read_timeout) as scope:
+            blocks = await self._blocks(call_id, kind, version, first, last)
+        if scope.cancelled_caught:
+            raise NetworkError(
+                f"{call_id}/{kind}: bytes {offset}-{end - 1} not fetched within "
+                f"{self.read_timeout:g}s"
+            )
+        if stream is not None:
+            self._read_ahead(call_id, kind, version, offset, end, stream)
+        if first == last:
+            start = offset - first * bs
+            return blocks[0][start : start + (end - offset)]
+        joined = b"".join(blocks)
+        start = offset - first * bs
+        return joined[start : start + (end - offset)]
+
+    async def _blocks(
+        self, call_id: str, kind: str, version: Version, first: int, last: int
+    ) -> list[bytes]:
+        token = version.token()
+        found: dict[int, bytes] = {}
+        waits: dict[int, _Pending] = {}
+        unknown: list[int] = []
+        for index in range(first, last + 1):
+            key = (call_id, kind, token, index)
+            data = self._memory.get(key)
+            if data is not None:
+                self.stats.blocks_from_memory += 1
+                found[index] = data
+            elif key in self._inflight:
+                waits[index] = self._inflight[key]
+            else:
+                unknown.append(index)
+        if unknown:
+            on_disk = [i for i in unknown if self.cache.has(call_id, kind, version, i)]
+            if on_disk:
+                datas = await trio.to_thread.run_sync(
+                    self._disk_get_many, call_id, kind, version, on_disk
+                )
+                for index, data in zip(on_disk, datas, strict=True):
+                    if data is not None:
+                        self.stats.blocks_from_disk += 1
+                        self._memory[(call_id, kind, token, index)] = data
+                        found[index] = data
+            missing = []
+            for index in unknown:
+                if index in found:
+                    continue
+                key = (call_id, kind, token, index)
+                if key in self._inflight:  # another reader started it while we were on disk
+                    waits[index] = self._inflight[key]
+                else:
+                    missing.append(index)
+            waits.update(self._start_fetches(call_id, kind, version, missing))
+        for index, pending in waits.items():
+            await pending.event.wait()
+            if pending.error is not None:
+                raise pending.error
+            assert pending.data is not None
+            found[index] = pending.data
+        return [found[i] for i in range(first, last + 1)]
+
+    def _disk_get_many(
+        self, call_id: str, kind: str, version: Version, indexes: list[int]
+    ) -> list[bytes | None]:
+        return [self.cache.get(call_id, kind, version, i) for i in indexes]
+
+    def _start_fetches(
+        self, call_id: str, kind: str, version: Version, indexes: list[int]
+    ) -> dict[int, _Pending]:
+        """Start downloads of `indexes`, coalescing adjacent ones; returns their pendings."""
+        token = version.token()
+        pendings: dict[int, _Pending] = {}
+        run: list[int] = []
+        for index in [*indexes, -2]:
+            if run and (index != run[-1] + 1 or len(run) >= MAX_RUN_BLOCKS):
+                run_pendings = {i: pendings[i] for i in run}
+                self._nursery.start_soon(
+                    self._fetch_run, call_id, kind, version, run[0], len(run), run_pendings
+                )
+                run = []
+            if index < 0:
+                break
+            pending = _Pending()
+            self._inflight[(call_id, kind, token, index)] = pending
+            pendings[index] = pending
+            run.append(index)
+        return pendings
+
+    async def _fetch_run(
+        self,
+        call_id: str,
+        kind: str,
+        version: Version,
+        first: int,
+        count: int,
+        pendings: dict[int, _Pending],
+    ) -> None:
+        token = version.token()
+
+        async def sink(index: int, data: bytes) -> None:
+            self.stats.blocks_from_network += 1
+            self._deliver(call_id, kind, version, index, data)
+            pending = pendings.pop(index, None)
+            if pending is not None:
+                self._inflight.pop((call_id, kind, token, index), None)
+                pending.data = data
+                pending.event.set()
+            await self._writes_send.send((call_id, kind, version, index, data))
+
+        error: BaseException | None = None
+        try:
+            await self.fetcher.fetch(call_id, kind, first, count, version, sink)
+        except VapifsError as exc:
+            error = exc
+        except Exception as exc:  # a bug must not leave readers waiting forever
+            log.exception("%s/%s: unexpected error while fetching", call_id, kind)
+            error = NetworkError(f"{call_id}/{kind}: internal error {type(exc).__name__}")
+        finally:
+            if pendings and error is None:
+                error = NetworkError(f"{call_id}/{kind}: the download stopped early")
+            for index, pending in pendings.items():
+                self._inflight.pop((call_id, kind, token, index), None)
+                pending.error = error
+                pending.event.set()
+
+    def _deliver(self, call_id: str, kind: str, version: Version, index: int, data: bytes) -> None:
+        self._memory[(call_id, kind, version.token(), index)] = data
+
+    async def _writer(self) -> None:
+        async for call_id, kind, version, index, data in self._writes_recv:
+            state = self._artifacts.get((call_id, kind))
+            if state is not None and state.version is not None and state.version != version:
+                continue  # superseded while queued: never store an old version's block
+            await trio.to_thread.run_sync(self.cache.put, call_id, kind, version, index, data)
+
+    # -- read-ahead ----------------------------------------------------------------------
+
+    def _read_ahead(
+        self, call_id: str, kind: str, version: Version, offset: int, end: int, stream: Stream
+    ) -> None:
+        """Grow a window of background fetches while a reader stays sequential."""
+        bs = self.block_size
+        sequential = stream.next_offset >= 0 and abs(offset - stream.next_offset) <= 2 * bs
+        stream.next_offset = end
+        if not sequential:
+            stream.window = 0
+            return
+        stream.window = min(max(1, stream.window * 2), self._max_readahead)
+        token = version.token()
+        last_block = (version.size - 1) // bs
+        start = (end - 1) // bs + 1
+        wanted = []
+        for index in range(start, min(start + stream.window, last_block + 1)):
+            key = (call_id, kind, token, index)
+            if key in self._memory or key in self._inflight:
+                continue
+            if self.cache.has(call_id, kind, version, index):
+                continue
+            wanted.append(index)
+        if wanted:
+            self._start_fetches(call_id, kind, version, wanted)

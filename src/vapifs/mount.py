@@ -250,7 +250,7 @@ def run_mount(opts: MountOptions) -> int:
     REDACTOR.add_secret(opts.api_key)
     _harden_process()
     if opts.foreground:
-        setup_logging(opts.debug, opts.log_file, to_stderr=True)
+        setup_logging(opts.debug, opts.log_file, to_stderr=opts.log_file is None)
         return trio.run(_serve, opts, _Notifier(None))
     read_fd, write_fd = os.pipe()
     pid = os.fork()

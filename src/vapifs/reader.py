@@ -152,6 +152,7 @@ class ArtifactStore:
         await self._adopt(call_id, kind, state, new)
         if got:
             self._deliver(call_id, kind, new, 0, got[0])
+            await self._writes_send.send((call_id, kind, new, 0, got[0]))
 
     async def _adopt(self, call_id: str, kind: str, state: _Artifact, new: Version) -> None:
         """Make `new` the artifact's version; drop every block of any other version."""

@@ -10,6 +10,7 @@ import os
 import subprocess
 import time
 import wave
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -201,7 +202,7 @@ def test_writes_answer_erofs(fake: FakeVapi, mount_factory: MountFactory) -> Non
     call_id = next(iter(expected_files(fake)))
     directory = m.calls / call_id
     os.listdir(directory)
-    attempts = [
+    attempts: list[Callable[[], object]] = [
         lambda: open(directory / "call.json", "wb"),  # noqa: SIM115
         lambda: open(directory / "new.txt", "w"),  # noqa: SIM115
         lambda: os.mkdir(directory / "sub"),

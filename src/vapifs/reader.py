@@ -29,6 +29,7 @@ class Stream:
 
     next_offset: int = -1
     window: int = 0  # blocks of read-ahead
+    ahead_until: int = 0  # read-ahead has been started for blocks below this index
 
 
 @dataclass
@@ -72,7 +73,7 @@ class ArtifactStore:
         revalidate_after: float = 86400.0,
         read_timeout: float = 30.0,
         memory_bytes: int = 64 << 20,
-        max_readahead_blocks: int = 16,
+        max_readahead_blocks: int = 32,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._nursery = nursery
@@ -349,24 +350,88 @@ class ArtifactStore:
     def _read_ahead(
         self, call_id: str, kind: str, version: Version, offset: int, end: int, stream: Stream
     ) -> None:
-        """Grow a window of background fetches while a reader stays sequential."""
+        """Grow a window of background fetches while a reader stays sequential.
+
+        The window doubles with every sequential read up to its maximum, and is topped up
+        only once half of it has been consumed, so that read-ahead goes out as a few large
+        ranged requests rather than one small request per block.
+        """
         bs = self.block_size
         sequential = stream.next_offset >= 0 and abs(offset - stream.next_offset) <= 2 * bs
         stream.next_offset = end
         if not sequential:
             stream.window = 0
+            stream.ahead_until = 0
             return
         stream.window = min(max(1, stream.window * 2), self._max_readahead)
+        current = (end - 1) // bs
+        if stream.ahead_until - current > stream.window // 2:
+            return
         token = version.token()
         last_block = (version.size - 1) // bs
-        start = (end - 1) // bs + 1
-        wanted = []
-        for index in range(start, min(start + stream.window, last_block + 1)):
+        start = max(current + 1, stream.ahead_until)
+        stop = min(current + 1 + stream.window, last_block + 1)
+        stream.ahead_until = max(stream.ahead_until, stop)
+        wanted: list[int] = []
+        on_disk: list[int] = []
+        for index in range(start, stop):
             key = (call_id, kind, token, index)
             if key in self._memory or key in self._inflight:
                 continue
             if self.cache.has(call_id, kind, version, index):
-                continue
-            wanted.append(index)
+                on_disk.append(index)
+            else:
+                wanted.append(index)
         if wanted:
             self._start_fetches(call_id, kind, version, wanted)
+        if on_disk:
+            pendings = {}
+            for index in on_disk:
+                pending = _Pending()
+                self._inflight[(call_id, kind, token, index)] = pending
+                pendings[index] = pending
+            self._nursery.start_soon(self._load_from_disk, call_id, kind, version, pendings)
+
+    async def _load_from_disk(
+        self, call_id: str, kind: str, version: Version, pendings: dict[int, _Pending]
+    ) -> None:
+        """Bring blocks from the disk cache into memory ahead of a sequential reader."""
+        token = version.token()
+        indexes = sorted(pendings)
+        try:
+            datas = await trio.to_thread.run_sync(
+                self._disk_get_many, call_id, kind, version, indexes
+            )
+        except BaseException:
+            for index, pending in pendings.items():
+                self._inflight.pop((call_id, kind, token, index), None)
+                pending.error = NetworkError(f"{call_id}/{kind}: disk read-ahead interrupted")
+                pending.event.set()
+            raise
+        missing: dict[int, _Pending] = {}
+        for index, data in zip(indexes, datas, strict=True):
+            pending = pendings[index]
+            if data is None:
+                missing[index] = pending
+                continue
+            self.stats.blocks_from_disk += 1
+            self._deliver(call_id, kind, version, index, data)
+            self._inflight.pop((call_id, kind, token, index), None)
+            pending.data = data
+            pending.event.set()
+        # Blocks that vanished from the disk (evicted, damaged) come from the network instead.
+        run: list[int] = []
+        for index in [*sorted(missing), -2]:
+            if run and (index != run[-1] + 1 or len(run) >= MAX_RUN_BLOCKS):
+                self._nursery.start_soon(
+                    self._fetch_run,
+                    call_id,
+                    kind,
+                    version,
+                    run[0],
+                    len(run),
+                    {i: missing[i] for i in run},
+                )
+                run = []
+            if index >= 0:
+                run.append(index)

@@ -91,9 +91,10 @@ def mount_factory(tmp_path: Path, fake: FakeVapi) -> Iterator[MountFactory]:
         server: FakeVapi | None = None,
         name: str = "mnt",
         key: str | None = None,
+        base: Path | None = None,
     ) -> Mount:
         server = server or fake
-        mountpoint = tmp_path / name
+        mountpoint = (base or tmp_path) / name
         mountpoint.mkdir(exist_ok=True)
         cache_dir = cache_dir or tmp_path / "cache"
         log_file = tmp_path / f"{name}-{len(mounts)}.log"

@@ -38,7 +38,7 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(
-        self, tree: Tree, *, uid: int | None = None, gid: int | None = None, umask: int = 0o022
+        self, tree: Tree, *, uid: int | None = None, gid: int | None = None, umask: int = 0o027
     ) -> None:
         super().__init__()
         self.tree = tree

@@ -99,13 +99,40 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError("fusermount3 is missing: install the fuse3 package")
 
 
-def fuse_options(opts: MountOptions) -> set[str]:
+@dataclass(frozen=True)
+class Ownership:
+    """Who the files seem to belong to, and their permission bits (from -o uid/gid/umask)."""
+
+    uid: int
+    gid: int
+    umask: int
+
+
+# Recordings are patient data: even with allow_other, only the owner and group may read
+# unless -o umask= says otherwise.
+DEFAULT_UMASK = 0o027
+
+
+def fuse_options(opts: MountOptions) -> tuple[set[str], Ownership]:
+    """Kernel mount options, and the uid/gid/umask options that vapifs applies itself."""
     options = set(pyfuse3.default_options)
-    options.discard("default_permissions")
     options |= {"fsname=vapifs", "subtype=vapifs", "ro", "default_permissions"}
+    uid, gid, umask = os.getuid(), os.getgid(), DEFAULT_UMASK
     for chunk in opts.fuse_options:
-        options |= {o.strip() for o in chunk.split(",") if o.strip()}
-    return options
+        for option in (o.strip() for o in chunk.split(",")):
+            name, _, value = option.partition("=")
+            try:
+                if name == "uid":
+                    uid = int(value)
+                elif name == "gid":
+                    gid = int(value)
+                elif name == "umask":
+                    umask = int(value, 8) & 0o777
+                elif option:
+                    options.add(option)
+            except ValueError:
+                raise MountError(f"-o {option}: expected a number") from None
+    return options, Ownership(uid, gid, umask)
 
 
 def _harden_process() -> None:
@@ -174,10 +201,11 @@ async def _serve(opts: MountOptions, notifier: _Notifier) -> int:
                 read_timeout=opts.read_timeout,
             )
             tree = Tree(api, store, meta, window_days=opts.window_days, dir_ttl=opts.dir_ttl)
-            ops = Operations(tree)
+            kernel_options, owner = fuse_options(opts)
+            ops = Operations(tree, uid=owner.uid, gid=owner.gid, umask=owner.umask)
             tree.on_invalidate = _invalidator(nursery)
             try:
-                pyfuse3.init(ops, str(opts.mountpoint), fuse_options(opts))
+                pyfuse3.init(ops, str(opts.mountpoint), kernel_options)
             except RuntimeError as exc:
                 notifier.send(f"cannot mount {opts.mountpoint}: {exc}")
                 nursery.cancel_scope.cancel()
@@ -261,6 +289,7 @@ def _invalidator(nursery: trio.Nursery) -> Callable[[int], None]:
 def run_mount(opts: MountOptions) -> int:
     """Mount; in the foreground until a signal, else return once the mount answers."""
     check_mountpoint(opts.mountpoint)
+    fuse_options(opts)  # bad -o values are reported here, before anything starts
     REDACTOR.add_secret(opts.api_key)
     _harden_process()
     if opts.foreground:

@@ -15,7 +15,8 @@ import pyfuse3
 from .api import describe
 from .errors import VapifsError
 from .reader import Stream
-from .tree import Node, Tree
+from .stats import STATS_XATTR
+from .tree import ROOT_INODE, Node, Tree
 
 log = logging.getLogger("vapifs.fs")
 
@@ -23,6 +24,7 @@ T = TypeVar("T")
 
 IMMUTABLE_TIMEOUT = 3600.0
 MUTABLE_TIMEOUT = 1.0
+_STATS_NAME = STATS_XATTR.encode()
 
 
 @dataclass
@@ -46,8 +48,11 @@ class Operations(pyfuse3.Operations):
         self.gid = os.getgid() if gid is None else gid
         self.umask = umask
         self._handles: dict[int, _Handle] = {}
+        self._dirs: dict[int, tuple[int, list[Node] | None]] = {}  # fh -> (inode, listing)
         self._next_fh = 1
         self.open_files = 0
+        # The mount's live figures as JSON, served as an xattr of the root (`vapifs stats`).
+        self.stats_source: Callable[[], bytes] | None = None
 
     async def _guard(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run a tree call; turn its failures into the one FUSEError a handler may raise."""
@@ -70,6 +75,10 @@ class Operations(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFDIR | (0o555 & ~self.umask)
             attrs.st_nlink = 2
             attrs.st_size = 0
+        elif node.target is not None:
+            attrs.st_mode = stat.S_IFLNK | 0o777
+            attrs.st_nlink = 1
+            attrs.st_size = self.tree.size(node)
         else:
             attrs.st_mode = stat.S_IFREG | (0o444 & ~self.umask)
             attrs.st_nlink = 1
@@ -107,7 +116,10 @@ class Operations(pyfuse3.Operations):
         node = await self._guard("opendir", self._node_of(inode))
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = (inode, None)
+        return fh
 
     def _node_of(self, inode: int) -> Callable[[], Awaitable[Node]]:
         async def get() -> Node:
@@ -116,7 +128,13 @@ class Operations(pyfuse3.Operations):
         return get
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        children = await self._guard("readdir", lambda: self.tree.children(fh))
+        # One listing per opendir, kept until releasedir: a directory of 10,000 calls takes
+        # hundreds of readdir requests, and offsets must stay stable between them.
+        inode, children = self._dirs.get(fh, (fh, None))
+        if children is None or start_id == 0:
+            children = await self._guard("readdir", lambda: self.tree.children(inode))
+            if fh in self._dirs:
+                self._dirs[fh] = (inode, children)
         for index in range(start_id, len(children)):
             child = children[index]
             if not pyfuse3.readdir_reply(
@@ -125,7 +143,13 @@ class Operations(pyfuse3.Operations):
                 break
 
     async def releasedir(self, fh: int) -> None:
-        return None
+        self._dirs.pop(fh, None)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = await self._guard("readlink", self._node_of(inode))
+        if node.target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target.encode()
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
@@ -137,7 +161,10 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         self._handles[fh] = _Handle(node, Stream())
         self.open_files = len(self._handles)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=node.immutable, direct_io=False)
+        # Without keep_cache the kernel drops the file's cached pages on this open.
+        keep_cache = node.immutable and not node.stale_pages
+        node.stale_pages = False
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles.get(fh)
@@ -162,10 +189,12 @@ class Operations(pyfuse3.Operations):
         return data
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == ROOT_INODE and name == _STATS_NAME and self.stats_source is not None:
+            return self.stats_source()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return []
+        return []  # the stats name stays unlisted, so that cp -a / rsync -X never copy it
 
     # Everything that would change the tree: a read-only file system says EROFS.
     async def _read_only(self, *args: Any, **kwargs: Any) -> Any:

@@ -4,25 +4,35 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 import trio
 
 from . import calls as C
 from .api import VapiClient
-from .cache import MetaStore
+from .cache import MetaStore, Version
 from .errors import NetworkError, NotFound, VapifsError
+from .gzview import GzipViews
 from .reader import ArtifactStore, Stream
 
 log = logging.getLogger("vapifs.tree")
 
 ROOT_INODE = 1
 CALLS_INODE = 2
+BY_DATE_INODE = 3
+BY_ASSISTANT_INODE = 4
 PAGE_LIMIT = 1000
 NEGATIVE_TTL = 60.0
+DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# by-assistant/<name>: whatever the API calls an assistant, as long as it is one path element.
+_GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,254}$")
+# The two views over the window: directory name -> view.
+VIEWS = {"by-date": "date", "by-assistant": "assistant"}
 
 
 @dataclass
@@ -37,6 +47,11 @@ class Node:
     kind: str | None = None
     content: bytes | None = None
     immutable: bool = False
+    # The artifact changed on the server: pages the kernel keeps are of the old version.
+    stale_pages: bool = False
+    target: str | None = None  # a symbolic link to this relative path
+    gunzip: bool = False  # the decompressed view of the gzip artifact `kind`
+    group: tuple[str, str] | None = None  # a directory of a view: (view, day or assistant)
 
 
 @dataclass
@@ -45,6 +60,43 @@ class _Call:
     fetched_at: float
     node: Node
     files: dict[str, Node] = field(default_factory=dict)
+    built: bool = False  # files are built on first use: a listing of 10,000 calls needs none
+    previous: dict[str, Node] = field(default_factory=dict)  # nodes to reuse when building
+
+
+@dataclass(frozen=True)
+class _GzSource:
+    """One version of a gzip artifact, read through the artifact store (which caches it)."""
+
+    store: ArtifactStore
+    call_id: str
+    kind: str
+    version: Version
+    stream: Stream
+
+    @property
+    def key(self) -> str:
+        return f"{self.call_id}/{self.kind}@{self.version.token()}"
+
+    @property
+    def size(self) -> int:
+        return self.version.size
+
+    async def read(self, offset: int, size: int) -> bytes:
+        data = await self.store.read(self.call_id, self.kind, offset, size, self.stream)
+        if self.store.known_version(self.call_id, self.kind) != self.version:
+            raise _SourceChanged(self.key)
+        return data
+
+
+class _SourceChanged(VapifsError):
+    """The gzip artifact changed on the server while its decompressed view was being read."""
+
+
+def _iso_ms(ts: float) -> str:
+    """ISO 8601 with milliseconds, rounded (not truncated) so that a bound equals the time."""
+    ms = round(ts * 1000)
+    return C.format_time(ms // 1000)[:-4] + f"{ms % 1000:03d}Z"
 
 
 class Tree:
@@ -57,26 +109,49 @@ class Tree:
         meta: MetaStore,
         *,
         window_days: float = 14.0,
+        since: float | None = None,
+        until: float | None = None,
+        assistants: Sequence[str] = (),
+        timezone: tzinfo = UTC,
         dir_ttl: float = 60.0,
+        gz: GzipViews | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._api = api
         self._store = store
         self._meta = meta
         self.window = window_days * 86400.0
+        self.since = since  # a fixed start of the window, instead of `window` back from now
+        self.until = until  # calls created before this time only
+        self.assistants = tuple(dict.fromkeys(assistants))
+        self.timezone = timezone
         self.dir_ttl = dir_ttl
+        self._gz = gz if gz is not None else GzipViews(meta)
+        self._gz.on_size_change = self._gz_size_changed
         self._now = wall_clock
         started = self._now()
         self._nodes: dict[int, Node] = {
             ROOT_INODE: Node(ROOT_INODE, "", True, started),
             CALLS_INODE: Node(CALLS_INODE, "calls", True, started),
+            BY_DATE_INODE: Node(BY_DATE_INODE, "by-date", True, started, group=("date", "")),
+            BY_ASSISTANT_INODE: Node(
+                BY_ASSISTANT_INODE, "by-assistant", True, started, group=("assistant", "")
+            ),
         }
-        self._next_inode = CALLS_INODE + 1
+        self._next_inode = BY_ASSISTANT_INODE + 1
         self._calls: dict[str, _Call] = {}
+        self._dir_nodes: dict[str, Node] = {}
         self._missing: dict[str, float] = {}
         self._call_locks: dict[str, trio.Lock] = {}
         self._window_ids: list[str] = []
         self._window_created: dict[str, float] = {}
+        self._window_assistant: dict[str, str | None] = {}
+        # Newest createdAt seen per listing stream ("" unfiltered, else an assistant id).
+        self._newest: dict[str, float] = {}
+        self._listed_from: float | None = None  # start of what the listing covers
+        self._groups: dict[str, dict[str, list[str]]] = {"date": {}, "assistant": {}}
+        self._group_nodes: dict[tuple[str, str], Node] = {}
+        self._links: dict[tuple[int, str], Node] = {}
         self._listed_at = -1.0
         self._listing_loaded = False
         self._list_lock = trio.Lock()
@@ -99,69 +174,180 @@ class Tree:
 
     async def lookup(self, parent: int, name: str) -> Node:
         if parent == ROOT_INODE:
-            if name == "calls":
-                return self._nodes[CALLS_INODE]
+            for root_child in self._root_children():
+                if root_child.name == name:
+                    return root_child
             raise NotFound(name)
         if parent == CALLS_INODE:
             if not C.is_call_id(name):
                 raise NotFound(name)  # no request for names that cannot be calls
             return (await self._call(name)).node
         node = self.node(parent)
+        if node.group is not None:
+            return await self._group_lookup(node, name)
         if node.is_dir and node.call_id is not None:
             entry = await self._call(node.call_id)
-            child = entry.files.get(name)
+            child = self._files(entry).get(name)
             if child is None:
                 raise NotFound(name)
-            if child.kind is not None:
-                await self._store.version(node.call_id, child.kind)  # size before first read
+            await self._prepare(child)  # size before first read
             return child
         raise NotFound(name)
+
+    def _root_children(self) -> list[Node]:
+        return [self._nodes[i] for i in (BY_ASSISTANT_INODE, BY_DATE_INODE, CALLS_INODE)]
+
+    async def _prepare(self, child: Node) -> None:
+        """Learn what the attributes of a remote file need: its version, its decompressed size."""
+        if child.kind is None or child.call_id is None:
+            return
+        await self._store.version(child.call_id, child.kind)
+        if child.gunzip:
+            await self._gz.size(await self._gz_source(child))
 
     async def children(self, inode: int) -> list[Node]:
         node = self.node(inode)
         if inode == ROOT_INODE:
-            return [self._nodes[CALLS_INODE]]
+            return self._root_children()
         if inode == CALLS_INODE:
             await self._refresh_window()
-            return [await self._window_node(call_id) for call_id in self._window_ids]
+            return [self._window_node(call_id) for call_id in self._window_ids]
+        if node.group is not None:
+            return await self._group_children(node)
         if node.call_id is None:
             return []
         entry = await self._call(node.call_id)
-        out: list[Node] = []
+        files = self._files(entry)
         usable: dict[str, bool] = {}
 
         async def probe(child: Node) -> None:
-            assert child.kind is not None and node.call_id is not None
             try:
-                await self._store.version(node.call_id, child.kind)
+                await self._prepare(child)
                 usable[child.name] = True
             except VapifsError as exc:
                 log.warning("%s/%s: left out of the listing: %s", node.call_id, child.name, exc)
 
         async with trio.open_nursery() as nursery:
-            for child in entry.files.values():
+            for child in files.values():
                 if child.kind is None:
                     usable[child.name] = True
                 else:
                     nursery.start_soon(probe, child)
-        out = [c for c in entry.files.values() if usable.get(c.name)]
-        return out
+        return [c for c in files.values() if usable.get(c.name)]
 
     def size(self, node: Node) -> int:
         """Size for attributes; remote files must have been looked up (version known)."""
         if node.content is not None:
             return len(node.content)
+        if node.target is not None:
+            return len(node.target.encode())
         if node.kind is not None and node.call_id is not None:
             version = self._store.known_version(node.call_id, node.kind)
-            return version.size if version is not None else 0
+            if version is None:
+                return 0
+            if node.gunzip:
+                return self._gz.known_size(self._gz_key(node.call_id, node.kind, version)) or 0
+            return version.size
         return 0
+
+    def readlink(self, node: Node) -> str:
+        if node.target is None:
+            raise NotFound(node.name)
+        return node.target
 
     async def read(self, node: Node, offset: int, size: int, stream: Stream | None) -> bytes:
         if node.content is not None:
             return node.content[offset : offset + size]
         if node.kind is None or node.call_id is None:
             raise NotFound(node.name)
+        if node.gunzip:
+            for _ in range(3):
+                try:
+                    return await self._gz.read(await self._gz_source(node, stream), offset, size)
+                except _SourceChanged:
+                    continue
+            raise NetworkError(f"{node.call_id}/{node.kind} keeps changing on the server")
         return await self._store.read(node.call_id, node.kind, offset, size, stream)
+
+    # -- decompressed logs ---------------------------------------------------------------
+
+    @staticmethod
+    def _gz_key(call_id: str, kind: str, version: Version) -> str:
+        return f"{call_id}/{kind}@{version.token()}"
+
+    async def _gz_source(self, node: Node, stream: Stream | None = None) -> _GzSource:
+        assert node.call_id is not None and node.kind is not None
+        version = await self._store.version(node.call_id, node.kind)
+        return _GzSource(self._store, node.call_id, node.kind, version, stream or Stream())
+
+    def _gz_size_changed(self, key: str) -> None:
+        """The decompressed size first given (the gzip trailer's) was wrong: drop old attributes."""
+        call_id = key.split("/", 1)[0]
+        entry = self._calls.get(call_id)
+        if entry is None or self.on_invalidate is None:
+            return
+        for child in entry.files.values():
+            if child.gunzip:
+                child.stale_pages = True
+                self.on_invalidate(child.inode)
+
+    # -- views: by-date and by-assistant --------------------------------------------------
+
+    async def _regroup(self) -> None:
+        """Rebuild both views from the window, as `calls/` shows it."""
+        args = (self._window_ids, self._window_created, self._window_assistant, self.timezone)
+        if len(self._window_ids) > 200:
+            self._groups = await trio.to_thread.run_sync(_group, *args)
+        else:
+            self._groups = _group(*args)
+
+    def _group_node(self, view: str, key: str) -> Node:
+        node = self._group_nodes.get((view, key))
+        if node is None:
+            node = self._new_node(name=key, is_dir=True, mtime=0.0, group=(view, key))
+            self._group_nodes[(view, key)] = node
+        ids = self._groups[view].get(key)
+        if ids:
+            node.mtime = self._window_created.get(ids[0], node.mtime)  # its newest call
+        return node
+
+    def _link(self, parent: Node, call_id: str) -> Node:
+        node = self._links.get((parent.inode, call_id))
+        if node is None:
+            node = self._new_node(
+                name=call_id,
+                is_dir=False,
+                mtime=self._window_created.get(call_id, 0.0),
+                target=f"../../calls/{call_id}",
+                immutable=True,
+            )
+            self._links[(parent.inode, call_id)] = node
+        return node
+
+    async def _group_lookup(self, node: Node, name: str) -> Node:
+        assert node.group is not None
+        view, key = node.group
+        if not key:  # by-date/ or by-assistant/
+            if not (DAY_RE.match(name) if view == "date" else _GROUP_NAME_RE.match(name)):
+                raise NotFound(name)  # no request for names that cannot be there
+            await self._refresh_window()
+            if name not in self._groups[view]:
+                raise NotFound(name)
+            return self._group_node(view, name)
+        if not C.is_call_id(name):
+            raise NotFound(name)
+        await self._refresh_window()
+        if name not in self._groups[view].get(key, ()):
+            raise NotFound(name)
+        return self._link(node, name)
+
+    async def _group_children(self, node: Node) -> list[Node]:
+        assert node.group is not None
+        view, key = node.group
+        await self._refresh_window()
+        if not key:
+            return [self._group_node(view, k) for k in sorted(self._groups[view])]
+        return [self._link(node, call_id) for call_id in self._groups[view].get(key, ())]
 
     def _version_changed(self, call_id: str, kind: str) -> None:
         entry = self._calls.get(call_id)
@@ -169,6 +355,7 @@ class Tree:
             return
         for child in entry.files.values():
             if child.kind == kind:
+                child.stale_pages = True
                 self.on_invalidate(child.inode)
 
     # -- calls ---------------------------------------------------------------------------
@@ -211,20 +398,35 @@ class Tree:
             return False
         return self._now() - entry.fetched_at >= self.dir_ttl
 
+    def _dir_node(self, call_id: str, mtime: float) -> Node:
+        """The directory of a call: one inode per call id for the life of the mount."""
+        node = self._dir_nodes.get(call_id)
+        if node is None:
+            node = self._new_node(name=call_id, is_dir=True, mtime=mtime, call_id=call_id)
+            self._dir_nodes[call_id] = node
+        node.mtime = mtime
+        return node
+
     def _install(self, call: dict[str, Any], fetched_at: float) -> _Call:
         call_id = str(call["id"])
         created = C.created_at(call)
         old = self._calls.get(call_id)
         mtime = created if created is not None else C.modified_at(call)
-        if old is not None:
-            dir_node = old.node
-            dir_node.mtime = mtime
-        else:
-            dir_node = self._new_node(name=call_id, is_dir=True, mtime=mtime, call_id=call_id)
-        entry = _Call(call, fetched_at, dir_node)
+        previous = {} if old is None else old.files if old.built else old.previous
+        entry = _Call(call, fetched_at, self._dir_node(call_id, mtime), previous=previous)
+        self._calls[call_id] = entry
+        self._missing.pop(call_id, None)
+        return entry
+
+    def _files(self, entry: _Call) -> dict[str, Node]:
+        """The files of a call directory, built on first use."""
+        if entry.built:
+            return entry.files
+        call = entry.call
+        call_id = str(call["id"])
         modified = C.modified_at(call)
         immutable = C.is_ended(call)
-        previous = old.files if old is not None else {}
+        previous = entry.previous
 
         def file(name: str, **kw: Any) -> Node:
             node = previous.get(name)
@@ -234,6 +436,7 @@ class Tree:
             node.immutable = immutable
             node.kind = kw.get("kind")
             node.content = kw.get("content")
+            node.gunzip = False
             return node
 
         body = (json.dumps(call, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode()
@@ -245,9 +448,13 @@ class Tree:
             )
         for name, kind in C.artifact_files(call).items():
             entry.files[name] = file(name, kind=kind)
-        self._calls[call_id] = entry
-        self._missing.pop(call_id, None)
-        return entry
+            if name.endswith(".gz"):
+                plain = name[: -len(".gz")]
+                entry.files[plain] = file(plain, kind=kind)
+                entry.files[plain].gunzip = True
+        entry.built = True
+        entry.previous = {}
+        return entry.files
 
     async def _persist_calls(self, entries: list[_Call]) -> None:
         docs = [(e.node.call_id, {"call": e.call, "fetched_at": e.fetched_at}) for e in entries]
@@ -259,20 +466,42 @@ class Tree:
 
         await trio.to_thread.run_sync(write)
 
+    async def call_object(self, call_id: str) -> dict[str, Any]:
+        """The call object (presigned fields removed), as `call.json` shows it."""
+        return (await self._call(call_id)).call
+
+    async def calls_between(self, since: float, until: float | None = None) -> list[dict[str, Any]]:
+        """Calls created in [since, until], newest first, fetched from the API and remembered
+        (so that a later mount resolves them offline) without touching the `calls/` window."""
+        bounds = {"createdAtGe": C.format_time(since)}
+        if until is not None:
+            bounds["createdAtLe"] = C.format_time(until)
+        calls = await self._page(**bounds)
+        now = self._now()
+        await self._persist_calls([self._install(call, now) for call in calls])
+        return calls
+
     # -- the window ----------------------------------------------------------------------
 
-    async def _window_node(self, call_id: str) -> Node:
+    def _window_node(self, call_id: str) -> Node:
         entry = self._calls.get(call_id)
         if entry is not None:
             return entry.node
-        try:
-            return (await self._call(call_id)).node
-        except VapifsError:
-            created = self._window_created.get(call_id, 0.0)
-            node = self._new_node(name=call_id, is_dir=True, mtime=created, call_id=call_id)
-            return node
+        return self._dir_node(call_id, self._window_created.get(call_id, 0.0))
+
+    def _horizon(self, now: float) -> float:
+        return self.since if self.since is not None else now - self.window
+
+    def _filter(self) -> dict[str, Any]:
+        """What the listing depends on besides time: a remembered listing must match it."""
+        return {"assistants": sorted(self.assistants), "until": self.until}
 
     async def _refresh_window(self) -> None:
+        """List the window once, then only calls newer than the newest seen (per stream).
+
+        A stream is the whole organisation, or one assistant with --assistant. Nothing is ever
+        listed twice: a remount starts from the remembered listing and asks for newer calls.
+        """
         if 0 <= self._now() - self._listed_at < self.dir_ttl:
             return
         async with self._list_lock:
@@ -281,48 +510,88 @@ class Tree:
             if 0 <= self._now() - self._listed_at < self.dir_ttl:
                 return
             now = self._now()
+            horizon = self._horizon(now)
+            complete = self._listed_from is not None and self._listed_from <= horizon
+            if complete and self.until is not None and self._listed_at >= self.until:
+                self._listed_at = now  # the window is closed: nothing new can appear in it
+                return
+            fresh: list[dict[str, Any]] = []
             try:
-                if self._window_ids:
-                    newest = max(self._window_created.values(), default=now - self.window)
-                    fresh = await self._page(createdAtGt=C.format_time(newest))
-                else:
-                    fresh = await self._page(createdAtGe=C.format_time(now - self.window))
+                for stream in self.assistants or ("",):
+                    bounds: dict[str, str] = {}
+                    if stream:
+                        bounds["assistantId"] = stream
+                    if self.until is not None:
+                        bounds["createdAtLt"] = _iso_ms(self.until)
+                    newest = self._newest.get(stream)
+                    if complete and newest is not None:
+                        bounds["createdAtGt"] = _iso_ms(newest)
+                    else:
+                        bounds["createdAtGe"] = _iso_ms(horizon)
+                    fresh.extend(await self._page(**bounds))
             except NetworkError as exc:
-                if not self._window_ids and not self._listing_loaded:
+                if self._listed_from is None:
                     raise
                 log.warning("calls: cannot refresh the listing (%s); showing what is known", exc)
                 self._listed_at = now - self.dir_ttl + min(10.0, self.dir_ttl)
                 return
             installed = [self._install(call, now) for call in fresh]
             for entry in installed:
+                call_id = entry.node.call_id
+                assert call_id is not None
                 created = C.created_at(entry.call)
-                assert entry.node.call_id is not None
-                self._window_created[entry.node.call_id] = created if created is not None else now
-            horizon = now - self.window
-            ids = {i for i, ts in self._window_created.items() if ts >= horizon}
+                created = created if created is not None else now
+                assistant = entry.call.get("assistantId")
+                assistant = assistant if isinstance(assistant, str) else None
+                self._window_created[call_id] = created
+                self._window_assistant[call_id] = assistant
+                stream = (assistant or "") if self.assistants else ""
+                self._newest[stream] = max(created, self._newest.get(stream, created))
+            if not complete:
+                self._listed_from = horizon
+            until = self.until if self.until is not None else float("inf")
+            ids = {i for i, ts in self._window_created.items() if horizon <= ts < until}
             self._window_ids = sorted(ids, key=lambda i: (-self._window_created[i], i))
             self._window_created = {i: self._window_created[i] for i in self._window_ids}
+            self._window_assistant = {i: self._window_assistant.get(i) for i in self._window_ids}
+            await self._regroup()
             self._listed_at = now
             await self._persist_calls(installed)
             listing = {
                 "listed_at": now,
-                "calls": [[i, self._window_created[i]] for i in self._window_ids],
+                "from": self._listed_from,
+                "filter": self._filter(),
+                "newest": self._newest,
+                "calls": [
+                    [i, self._window_created[i], self._window_assistant[i]]
+                    for i in self._window_ids
+                ],
             }
             await trio.to_thread.run_sync(self._meta.put, "listing", "calls", listing)
 
     async def _load_listing(self) -> None:
+        """The listing a previous mount remembered, when it covers this mount's window."""
         self._listing_loaded = True
         doc = await trio.to_thread.run_sync(self._meta.get, "listing", "calls")
-        if doc is None:
+        if doc is None or doc.get("filter") != self._filter():
             return
         try:
-            pairs = [(str(i), float(ts)) for i, ts in doc["calls"]]
+            rows = [(str(r[0]), float(r[1]), r[2]) for r in doc["calls"]]
             listed_at = float(doc["listed_at"])
-        except (KeyError, TypeError, ValueError):
+            listed_from = float(doc["from"])
+            newest = {str(k): float(v) for k, v in doc["newest"].items()}
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
             return
-        self._window_created = {i: ts for i, ts in pairs if C.is_call_id(i)}
-        self._window_ids = list(self._window_created)
+        if listed_from > self._horizon(self._now()):
+            return  # this mount looks further back: list again
+        rows = [r for r in rows if C.is_call_id(r[0])]
+        self._window_created = {i: ts for i, ts, _ in rows}
+        self._window_assistant = {i: a if isinstance(a, str) else None for i, _, a in rows}
+        self._window_ids = [i for i, _, _ in rows]
+        self._newest = newest
+        self._listed_from = listed_from
         self._listed_at = listed_at
+        await self._regroup()
 
     async def _page(self, **bounds: str) -> list[dict[str, Any]]:
         """Every call matching `bounds`, paging backwards by createdAtLe, deduplicated by id."""
@@ -334,22 +603,48 @@ class Tree:
             if older_than is not None:
                 params["createdAtLe"] = older_than
             page = await self._api.list_calls(**params)
-            fresh = 0
-            oldest: tuple[float, str] | None = None
-            for call in page:
-                call_id = call.get("id")
-                created = C.created_at(call)
-                if not isinstance(call_id, str) or not C.is_call_id(call_id) or created is None:
-                    log.warning("calls: skipped an unreadable call object in the listing")
-                    continue
-                raw = call["createdAt"]
-                if oldest is None or created < oldest[0]:
-                    oldest = (created, raw)
-                if call_id in seen:
-                    continue
-                seen.add(call_id)
-                fresh += 1
-                out.append(C.sanitize(call))
-            if len(page) < PAGE_LIMIT or fresh == 0 or oldest is None:
+            if len(page) > 50:  # a full page takes milliseconds to sift: not on the loop
+                calls, oldest = await trio.to_thread.run_sync(_sift, page, seen)
+            else:
+                calls, oldest = _sift(page, seen)
+            out.extend(calls)
+            if len(page) < PAGE_LIMIT or not calls or oldest is None:
                 return out
             older_than = oldest[1]
+
+
+def _sift(
+    page: list[dict[str, Any]], seen: set[str]
+) -> tuple[list[dict[str, Any]], tuple[float, str] | None]:
+    """The calls of a page not seen before (sanitized; `seen` is updated), and its oldest time."""
+    out: list[dict[str, Any]] = []
+    oldest: tuple[float, str] | None = None
+    for call in page:
+        call_id = call.get("id")
+        created = C.created_at(call)
+        if not isinstance(call_id, str) or not C.is_call_id(call_id) or created is None:
+            log.warning("calls: skipped an unreadable call object in the listing")
+            continue
+        raw = call["createdAt"]
+        if oldest is None or created < oldest[0]:
+            oldest = (created, raw)
+        if call_id in seen:
+            continue
+        seen.add(call_id)
+        out.append(C.sanitize(call))
+    return out, oldest
+
+
+def _group(
+    ids: list[str], created: dict[str, float], assistant: dict[str, str | None], zone: tzinfo
+) -> dict[str, dict[str, list[str]]]:
+    """Both views of a window: day -> ids and assistant -> ids, each newest first."""
+    days: dict[str, list[str]] = {}
+    assistants: dict[str, list[str]] = {}
+    for call_id in ids:
+        day = datetime.fromtimestamp(created[call_id], zone).strftime("%Y-%m-%d")
+        days.setdefault(day, []).append(call_id)
+        name = assistant.get(call_id)
+        if name is not None and _GROUP_NAME_RE.match(name):
+            assistants.setdefault(name, []).append(call_id)
+    return {"date": days, "assistant": assistants}

@@ -720,6 +720,39 @@ def generate_calls(
     return calls
 
 
+def light_calls(
+    count: int, now: datetime | None = None, *, seed: int = 0, days: float = 10.0
+) -> list[FakeCall]:
+    """count ended calls spread over the last `days`, newest first, with no artifacts at all.
+
+    Cheap enough for tens of thousands (listing and paging tests); assistants and phone
+    numbers are the seed's usual ones.
+    """
+    now_ms = epoch_ms(_utc_now(now))
+    org = org_id_for(seed)
+    assistants = assistant_ids_for(seed)
+    rng = _rng("light", seed)
+    span = max(1, int(days * _DAY_MS))
+    out: list[FakeCall] = []
+    for i in range(count):
+        created_ms = now_ms - 60_000 - (i * span) // max(1, count)
+        call: dict[str, Any] = {
+            "id": _uuid(rng),
+            "orgId": org,
+            "type": "webCall",
+            "status": "ended",
+            "createdAt": iso_ms(created_ms),
+            "updatedAt": iso_ms(created_ms + 30_000),
+            "startedAt": iso_ms(created_ms + 1_000),
+            "endedAt": iso_ms(created_ms + 25_000),
+            "endedReason": "customer-ended-call",
+            "assistantId": assistants[i % len(assistants)],
+            "artifact": {"transcript": "AI: Hello.\nUser: Bye."},
+        }
+        out.append(FakeCall(call=call, artifacts={}, suffixes={}))
+    return out
+
+
 def extra_call(
     seed: int,
     created_at: datetime | None = None,

@@ -306,6 +306,7 @@ class _ApiHandler(_Handler):
         query = parse_qs(url.query, keep_blank_values=True)
         if len(parts) == 1:
             owner._count("api.list")
+            owner._log_list(query)
             status, payload = owner._list(query, knobs)
             self._send_api_json(status, payload, knobs)
         elif len(parts) == 2:
@@ -460,6 +461,8 @@ class FakeVapi:
         self._ports = (api_port, storage_port)
         self._lock = threading.Lock()
         self._counters: dict[str, int] = dict.fromkeys(BASE_COUNTERS, 0)
+        # The query of every GET /call, in order (cleared with the counters).
+        self.list_queries: list[dict[str, str]] = []
         self._random = random.Random(seed)
         self._etags: dict[tuple[str, str], tuple[bytes, str]] = {}
         self._mtimes: dict[tuple[str, str], float] = {}
@@ -549,6 +552,11 @@ class FakeVapi:
     def reset_counters(self) -> None:
         with self._lock:
             self._counters = dict.fromkeys(BASE_COUNTERS, 0)
+            self.list_queries = []
+
+    def _log_list(self, query: dict[str, list[str]]) -> None:
+        with self._lock:
+            self.list_queries.append({k: v[-1] for k, v in query.items()})
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:

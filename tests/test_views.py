@@ -1,0 +1,247 @@
+"""Real mounts: decompressed logs, by-date/by-assistant links, the window and its refresh."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from vapifs.calls import parse_time
+from vapifs.demo.data import extra_call, light_calls
+from vapifs.demo.server import FakeVapi
+
+from .conftest import MountFactory
+
+pytestmark = pytest.mark.mount
+
+
+def created(fake: FakeVapi, call_id: str) -> float:
+    ts = parse_time(fake.calls[call_id].created_at)
+    assert ts is not None
+    return ts
+
+
+def in_window(fake: FakeVapi, days: float = 14.0) -> set[str]:
+    horizon = time.time() - days * 86400
+    return {i for i in fake.calls if created(fake, i) >= horizon}
+
+
+def listings(fake: FakeVapi) -> list[dict[str, str]]:
+    """GET /call queries, without the key check a mount starts with."""
+    return [q for q in fake.list_queries if q != {"limit": "1"}]
+
+
+def with_logs(fake: FakeVapi) -> list[str]:
+    return sorted(i for i, fc in fake.calls.items() if "logs" in fc.artifacts)
+
+
+def test_decompressed_logs_grep_stat_and_random_access(
+    fake: FakeVapi, mount_factory: MountFactory
+) -> None:
+    m = mount_factory()
+    for call_id in with_logs(fake):
+        plain = gzip.decompress(fake.calls[call_id].artifacts["logs"])
+        path = m.calls / call_id / "call-logs.jsonl"
+        fake.reset_counters()
+        assert os.stat(path).st_size == len(plain)  # before any read
+        with open(path, "rb") as f:
+            f.seek(-1024, os.SEEK_END)
+            assert f.read() == plain[-1024:]
+            f.seek(0)
+            assert f.read(1024) == plain[:1024]
+        assert path.read_bytes() == plain
+        grep = subprocess.run(["grep", "-c", "ERROR", str(path)], capture_output=True, text=True)
+        assert int(grep.stdout) == plain.count(b"ERROR")
+        assert fake.counters().get(f"storage.get:{call_id}/logs", 0) == 1
+    no_logs = [i for i, fc in fake.calls.items() if "logs" not in fc.artifacts]
+    for call_id in no_logs:
+        assert not (m.calls / call_id / "call-logs.jsonl").exists()
+
+
+def test_logs_work_with_plain_tools(fake: FakeVapi, mount_factory: MountFactory) -> None:
+    m = mount_factory()
+    call_id = with_logs(fake)[0]
+    plain = gzip.decompress(fake.calls[call_id].artifacts["logs"])
+    path = m.calls / call_id / "call-logs.jsonl"
+    gunzip = subprocess.run(
+        ["gunzip", "-c", str(m.calls / call_id / "call-logs.jsonl.gz")], capture_output=True
+    )
+    assert gunzip.stdout == plain == path.read_bytes()
+    less = subprocess.run(["less", "-F", str(path)], capture_output=True, env={"TERM": "dumb"})
+    assert less.stdout == plain
+    if shutil.which("rg"):
+        rg = subprocess.run(["rg", "-c", "ERROR", str(path)], capture_output=True, text=True)
+        assert int(rg.stdout or 0) == plain.count(b"ERROR")
+    if shutil.which("jq"):
+        jq = subprocess.run(["jq", "-r", ".level", str(path)], capture_output=True, text=True)
+        assert jq.returncode == 0
+        assert jq.stdout.count("ERROR") == plain.count(b'"level":"ERROR"')
+
+
+def test_the_logs_size_survives_a_remount_without_a_download(
+    fake: FakeVapi, mount_factory: MountFactory
+) -> None:
+    m = mount_factory()
+    call_id = with_logs(fake)[0]
+    path = m.calls / call_id / "call-logs.jsonl"
+    size = os.stat(path).st_size
+    m.stop()
+    fake.reset_counters()
+    again = mount_factory(cache_dir=m.cache_dir)
+    assert os.stat(again.calls / call_id / "call-logs.jsonl").st_size == size
+    assert fake.counters().get("storage.requests", 0) == 0
+
+
+def _groups(fake: FakeVapi, zone: ZoneInfo) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    days: dict[str, set[str]] = {}
+    assistants: dict[str, set[str]] = {}
+    for call_id in in_window(fake):
+        day = datetime.fromtimestamp(created(fake, call_id), zone).strftime("%Y-%m-%d")
+        days.setdefault(day, set()).add(call_id)
+        assistants.setdefault(str(fake.calls[call_id].call["assistantId"]), set()).add(call_id)
+    return days, assistants
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Pacific/Kiritimati"])
+def test_by_date_and_by_assistant_link_to_calls(
+    fake: FakeVapi, mount_factory: MountFactory, zone: str
+) -> None:
+    m = mount_factory("--timezone", zone)
+    assert sorted(os.listdir(m.mountpoint)) == ["by-assistant", "by-date", "calls"]
+    days, assistants = _groups(fake, ZoneInfo(zone))
+    for view, groups in (("by-date", days), ("by-assistant", assistants)):
+        root = m.mountpoint / view
+        assert set(os.listdir(root)) == set(groups)
+        for key, ids in groups.items():
+            assert set(os.listdir(root / key)) == ids, f"{view}/{key}"
+            for call_id in ids:
+                link = root / key / call_id
+                assert os.readlink(link) == f"../../calls/{call_id}"
+                assert os.path.islink(link)
+                assert link.resolve() == (m.calls / call_id).resolve()
+                assert (link / "call.json").is_file()
+
+
+def test_names_outside_the_views_cost_no_request(
+    fake: FakeVapi, mount_factory: MountFactory
+) -> None:
+    m = mount_factory()
+    days = os.listdir(m.mountpoint / "by-date")
+    day = days[0]
+    some_call = next(iter(in_window(fake)))
+    fake.reset_counters()
+    for name in (
+        "by-date/yesterday",
+        "by-date/1999-01-01",
+        "by-date/2026-13-45",
+        f"by-date/{day}/not-a-call",
+        f"by-date/{day}/00000000-0000-4000-8000-000000000000",
+        "by-assistant/nobody",
+        "by-assistant/..hidden",
+        f"by-assistant/{some_call}",
+        "by-week",
+    ):
+        with pytest.raises(FileNotFoundError):
+            os.stat(m.mountpoint / name)
+    assert fake.counters().get("api.requests", 0) == 0
+
+
+def test_a_new_call_appears_with_one_incremental_request(
+    fake: FakeVapi, mount_factory: MountFactory
+) -> None:
+    m = mount_factory("--dir-ttl", "1s")
+    before = set(os.listdir(m.calls))
+    assert before == in_window(fake)
+    fake.reset_counters()
+    new = extra_call(1, base_seed=fake.seed, org_id=fake.org_id)
+    fake.add_call(new)
+    deadline = time.monotonic() + 5
+    while new.id not in os.listdir(m.calls):
+        assert time.monotonic() < deadline, "the new call did not appear"
+        time.sleep(0.2)
+    assert set(os.listdir(m.calls)) == before | {new.id}
+    queries = listings(fake)
+    assert len(queries) == 1, queries  # one incremental request: no full listing
+    assert "createdAtGt" in queries[0] and "createdAtGe" not in queries[0]
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert new.id in os.listdir(m.mountpoint / "by-date" / today)
+    assistant = str(new.call["assistantId"])
+    assert new.id in os.listdir(m.mountpoint / "by-assistant" / assistant)
+
+    # A remount starts from the remembered listing and asks only for newer calls.
+    m.stop()
+    fake.reset_counters()
+    again = mount_factory("--dir-ttl", "1s", cache_dir=m.cache_dir)
+    time.sleep(1.1)
+    assert set(os.listdir(again.calls)) == before | {new.id}
+    queries = listings(fake)
+    assert len(queries) == 1 and "createdAtGt" in queries[0], queries
+
+
+def test_assistant_filter_lists_once_per_assistant(
+    fake: FakeVapi, mount_factory: MountFactory
+) -> None:
+    _, assistants = _groups(fake, ZoneInfo("UTC"))
+    chosen = sorted(assistants)[:2]
+    fake.reset_counters()
+    m = mount_factory(*[arg for a in chosen for arg in ("--assistant", a)])
+    assert set(os.listdir(m.calls)) == assistants[chosen[0]] | assistants[chosen[1]]
+    assert sorted(os.listdir(m.mountpoint / "by-assistant")) == chosen
+    assert sorted(q.get("assistantId", "") for q in listings(fake)) == chosen
+
+
+def test_since_and_until_dates(fake: FakeVapi, mount_factory: MountFactory) -> None:
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    since, until = today - timedelta(days=4), today - timedelta(days=1)
+    m = mount_factory("--since", since.strftime("%Y-%m-%d"), "--until", until.strftime("%Y-%m-%d"))
+    expected = {i for i in fake.calls if since.timestamp() <= created(fake, i) < until.timestamp()}
+    assert expected, "the fake has calls in that range"
+    assert set(os.listdir(m.calls)) == expected
+    days = {(since + timedelta(days=d)).strftime("%Y-%m-%d") for d in range(3)}
+    assert set(os.listdir(m.mountpoint / "by-date")) <= days
+
+
+def test_since_duration_and_days_alias(fake: FakeVapi, mount_factory: MountFactory) -> None:
+    m = mount_factory("--since", "3d", name="a")
+    assert set(os.listdir(m.calls)) == in_window(fake, 3)
+    n = mount_factory("--days", "3", name="b", cache_dir=m.cache_dir.parent / "other")
+    assert set(os.listdir(n.calls)) == in_window(fake, 3)
+
+
+def test_bad_window_options_are_usage_errors(fake: FakeVapi, tmp_path: Path) -> None:
+    from .conftest import VAPIFS
+
+    env = dict(os.environ, VAPI_PRIVATE_API_KEY=fake.api_key)
+    for args in (["--since", "14"], ["--since", "soon"], ["--timezone", "Mars/Olympus"]):
+        result = subprocess.run(
+            [*VAPIFS, "mount", str(tmp_path), "--api-url", fake.api_url, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert result.returncode == 2, args
+        assert result.stderr.startswith("vapifs: ") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_ten_thousand_calls_list_in_seconds(mount_factory: MountFactory, tmp_path: Path) -> None:
+    with FakeVapi(light_calls(10_000)) as big:
+        m = mount_factory(cache_dir=tmp_path / "big-cache", server=big, name="big")
+        started = time.monotonic()
+        listed = os.listdir(m.calls)
+        first = time.monotonic() - started
+        assert len(listed) == 10_000
+        started = time.monotonic()
+        assert len(os.listdir(m.mountpoint / "by-date")) >= 10
+        assert sum(len(os.listdir(d)) for d in (m.mountpoint / "by-date").iterdir()) == 10_000
+        views = time.monotonic() - started
+        print(f"ls calls: {first:.2f}s; by-date walk: {views:.2f}s")
+        assert first < 5.0
+        m.stop()

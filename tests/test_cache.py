@@ -11,6 +11,7 @@ import random
 import shutil
 import stat
 import struct
+import subprocess
 import time
 import zlib
 from collections.abc import Iterator
@@ -340,9 +341,18 @@ def test_open_removes_orphan_temp_files(tmp_path: Path) -> None:
     # A fresh one may be another process's put in flight: left alone.
     fresh = tmp_dir / "fedcba9876543210.tmp"
     fresh.write_bytes(b"being written")
+    live = tmp_dir / f"{os.getppid()}-0123456789abcdef.tmp"
+    live.write_bytes(b"being written by a live process")
+    # A temp file of a process that is gone (kill -9) is a leftover however young it is.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = tmp_dir / f"{dead.pid}-fedcba9876543210.tmp"
+    killed.write_bytes(b"half a block")
     c.open()
     assert not old.exists()
     assert fresh.exists()
+    assert live.exists()
+    assert not killed.exists()
     assert c.bytes_used == 0
 
 
@@ -518,12 +528,17 @@ def test_disk_full_is_one_warning_and_nothing_visible(
     assert c.bytes_used == used
     assert [c.has(CALL, KIND, V1, i) for i in range(6)] == [True] + [False] * 5
 
-    # Success re-arms the warning.
+    # A nearly full disk takes some writes and refuses others: still no new warning, from
+    # blocks or metadata alike, until the quiet time has passed.
     assert c.put(CALL, KIND, V1, 1, payload(V1, 1))
     caplog.clear()
     monkeypatch.setattr(os, target, enospc)
     with caplog.at_level(logging.WARNING, logger="vapifs.cache"):
         assert not c.put(CALL, KIND, V1, 2, payload(V1, 2))
+        assert not MetaStore(root).put("artifact", "k", {"v": 1})
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    monkeypatch.setattr(cache_mod, "_WARN_AGAIN_AFTER", 0.0)
+    with caplog.at_level(logging.WARNING, logger="vapifs.cache"):
         assert not c.put(CALL, KIND, V1, 3, payload(V1, 3))
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
 

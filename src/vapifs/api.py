@@ -31,6 +31,12 @@ ENDPOINTS: dict[str, str] = {
 }
 
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# A connection that cannot even be opened (refused, no route, connect timeout) means the API
+# is down or we are offline, not busy: a few quick tries, then an honest error. Once known
+# down, a request tries once, so that offline reads fail at once and the first request after
+# the network returns succeeds.
+_CONNECT_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout)
+_CONNECT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,16 @@ class VapiClient:
         self._policy = policy or RetryPolicy()
         REDACTOR.add_secret(api_key)
         self.requests = 0
+        # Every HTTP attempt, retries included, by kind: list (GET /call), get, resolve.
+        self.attempts: dict[str, int] = dict.fromkeys(("list", "get", "resolve"), 0)
+        self.failures = 0  # attempts that ended in a transport error or an error status
+        self.unreachable = False  # the last attempt could not connect
+
+    def _stop_retrying(self, exc: httpx.TransportError, attempt: int, was_down: bool) -> bool:
+        if not isinstance(exc, _CONNECT_FAILURES):
+            return False
+        self.unreachable = True
+        return was_down or attempt + 1 >= _CONNECT_ATTEMPTS
 
     async def _send(
         self, method: str, path: str, params: dict[str, str] | None = None
@@ -83,18 +99,27 @@ class VapiClient:
         """One API request with retries; returns a 2xx/3xx response (body read) or raises."""
         url = self._base + path
         last: str = "no attempt"
+        was_down = self.unreachable
+        tries = 0
         for attempt in range(self._policy.attempts):
             retry_after: float | None = None
+            tries += 1
             try:
                 self.requests += 1
+                self.attempts["list" if path.rstrip("/") == "/call" else "get"] += 1
                 request = self._client.build_request(method, url, params=params, headers=self._auth)
                 response = await self._client.send(request, follow_redirects=False)
             except httpx.TransportError as exc:
+                self.failures += 1
                 last = f"{type(exc).__name__}"
+                if self._stop_retrying(exc, attempt, was_down):
+                    break
             else:
+                self.unreachable = False
                 status = response.status_code
                 if status < 400:
                     return response
+                self.failures += 1
                 if status == 401:
                     raise KeyRejected(f"the API key was refused: {_error_message(response)}")
                 if status == 404:
@@ -109,7 +134,7 @@ class VapiClient:
                 delay = self._policy.delay(attempt, retry_after)
                 log.debug("api: %s %s failed (%s); retrying in %.2fs", method, path, last, delay)
                 await trio.sleep(delay)
-        raise NetworkError(f"{method} {path}: gave up after {self._policy.attempts} tries ({last})")
+        raise NetworkError(f"{method} {path}: gave up after {_tries(tries)} ({last})")
 
     async def _json(self, path: str, params: dict[str, str] | None = None) -> Any:
         """GET a JSON document; malformed JSON is retried like a server error."""
@@ -146,15 +171,23 @@ class VapiClient:
         path = f"/call/{call_id}/{ENDPOINTS[kind]}"
         url = self._base + path
         last = "no attempt"
+        was_down = self.unreachable
+        tries = 0
         for attempt in range(self._policy.attempts):
             retry_after: float | None = None
+            tries += 1
             try:
                 self.requests += 1
+                self.attempts["resolve"] += 1
                 request = self._client.build_request("GET", url, headers=self._auth)
                 response = await self._client.send(request, follow_redirects=False, stream=True)
             except httpx.TransportError as exc:
+                self.failures += 1
                 last = type(exc).__name__
+                if self._stop_retrying(exc, attempt, was_down):
+                    break
             else:
+                self.unreachable = False
                 try:
                     status = response.status_code
                     if status in (301, 302, 303, 307, 308):
@@ -165,6 +198,7 @@ class VapiClient:
                     if 200 <= status < 300:
                         # The body itself: fetch it from the API by range, with the key.
                         return Resolution(url, dict(self._auth), direct=True)
+                    self.failures += 1
                     await response.aread()
                     if status == 401:
                         raise KeyRejected(f"the API key was refused: {_error_message(response)}")
@@ -178,7 +212,11 @@ class VapiClient:
                     await response.aclose()
             if attempt + 1 < self._policy.attempts:
                 await trio.sleep(self._policy.delay(attempt, retry_after))
-        raise NetworkError(f"{path}: gave up after {self._policy.attempts} tries ({last})")
+        raise NetworkError(f"{path}: gave up after {_tries(tries)} ({last})")
+
+
+def _tries(n: int) -> str:
+    return "1 try" if n == 1 else f"{n} tries"
 
 
 def describe(exc: BaseException) -> str:

@@ -37,12 +37,20 @@ _FILE_MODE = 0o600
 # sequential read does not turn into one metadata write per block read.
 _TOUCH_INTERVAL = 30.0
 
-# open() deletes temp files older than this only: a younger one may belong to a put in flight
-# in another process sharing the cache (a mount while `vapifs cache stats` runs); a put lasts
-# milliseconds, so anything this old was left by a crash.
+# open() deletes the temp files of writers that are no longer running (a kill -9), and any
+# temp file older than this: a put lasts milliseconds, so anything this old was left by a
+# crash, whatever its name says (a younger one may be a live put of another process).
 _ORPHAN_AGE = 60.0
 
+# A failing cache disk is one warning per root, blocks and metadata together, and again only
+# this long after: a nearly full disk that takes small writes but refuses large ones would
+# otherwise warn on every few blocks of a read.
+_WARN_AGAIN_AFTER = 600.0
+_write_warned: dict[str, float] = {}
+_write_warned_lock = threading.Lock()
+
 _BLOCK_NAME = re.compile(r"^([0-9a-f]{16})-(0|[1-9][0-9]*)\.blk$")
+_TMP_NAME = re.compile(r"^([1-9][0-9]*)-[0-9a-f]+\.tmp$")
 _HASH_NAME = re.compile(r"^[0-9a-f]{32}$")
 _NS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -147,7 +155,8 @@ def _write_atomic(tmp_dir: Path, dest: Path, parts: tuple[bytes, ...], fsync: bo
     Missing directories (the cache cleared by another process, or deleted by hand) are made
     again. On failure the temp file is removed and the OSError propagates.
     """
-    tmp = tmp_dir / f"{os.urandom(8).hex()}.tmp"
+    # The writer's pid in the name lets open() tell a crash's leftovers from a live put.
+    tmp = tmp_dir / f"{os.getpid()}-{os.urandom(8).hex()}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         fd = os.open(tmp, flags, _FILE_MODE)
@@ -177,6 +186,18 @@ def _write_atomic(tmp_dir: Path, dest: Path, parts: tuple[bytes, ...], fsync: bo
         raise
 
 
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: alive, another user's
+    return True
+
+
 def _read_file(path: Path) -> tuple[bytes, int]:
     """The whole file and its inode number, in one open."""
     with open(path, "rb", buffering=0) as f:
@@ -197,6 +218,22 @@ def _unlink_if_same(path: Path, ino: int) -> bool:
 
 def _strerror(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
+
+
+def _write_failed(root: Path, error: OSError) -> None:
+    """Log a failed cache write: a warning the first time, debug lines until the quiet time."""
+    now = time.monotonic()
+    with _write_warned_lock:
+        last = _write_warned.get(str(root))
+        warn = last is None or now - last >= _WARN_AGAIN_AFTER
+        if warn:
+            _write_warned[str(root)] = now
+    if warn:
+        log.warning(
+            "cache: cannot write to %s (%s); reading from the network", root, _strerror(error)
+        )
+    else:
+        log.debug("cache: write failed again: %s", _strerror(error))
 
 
 class BlockCache:
@@ -234,7 +271,6 @@ class BlockCache:
         # Keys with a put in flight: never evicted, or the eviction's unlink could remove the
         # file that put has just renamed into place.
         self._writing: dict[_Key, int] = {}
-        self._write_failing = False
         self.hits = 0
         self.misses = 0
 
@@ -315,7 +351,10 @@ class BlockCache:
             if not e.name.endswith(".tmp"):
                 continue
             try:
-                if now - e.stat(follow_symlinks=False).st_mtime >= _ORPHAN_AGE:
+                writer = _TMP_NAME.match(e.name)
+                if (writer is not None and not _alive(int(writer.group(1)))) or (
+                    now - e.stat(follow_symlinks=False).st_mtime >= _ORPHAN_AGE
+                ):
                     os.unlink(e.path)
             except OSError:
                 continue
@@ -458,28 +497,14 @@ class BlockCache:
                     self._writing[key] = left
                 else:
                     del self._writing[key]
-                warn = False
                 if written:
                     old = self._index.pop(key, None)
                     if old is not None:
                         self._bytes -= old.size
                     self._index[key] = _Entry(total, now, now)
                     self._bytes += total
-                    self._write_failing = False
-                elif error is not None:
-                    # One warning per run of failures: a full disk would otherwise log once
-                    # per block of every read.
-                    warn = not self._write_failing
-                    self._write_failing = True
         if error is not None:
-            if warn:
-                log.warning(
-                    "cache: cannot write to %s (%s); reading from the network",
-                    self.root,
-                    _strerror(error),
-                )
-            else:
-                log.debug("cache: write failed again: %s", _strerror(error))
+            _write_failed(self.root, error)
             return False
         return True
 
@@ -665,8 +690,6 @@ class MetaStore:
         self.root = Path(root)
         self._meta_dir = self.root / "meta"
         self._tmp_dir = self.root / "tmp"
-        self._lock = threading.Lock()
-        self._write_failing = False
 
     def _ns_dir(self, ns: str) -> Path:
         if not _NS_NAME.match(ns):
@@ -715,18 +738,8 @@ class MetaStore:
             _ensure_dir(path.parent)
             _write_atomic(self._tmp_dir, path, (body,), fsync=False)
         except OSError as e:
-            with self._lock:
-                warn = not self._write_failing
-                self._write_failing = True
-            if warn:
-                log.warning(
-                    "cache: cannot write to %s (%s); reading from the network",
-                    self.root,
-                    _strerror(e),
-                )
+            _write_failed(self.root, e)
             return False
-        with self._lock:
-            self._write_failing = False
         return True
 
     def delete(self, ns: str, key: str) -> None:

@@ -21,6 +21,7 @@ BlockKey = tuple[str, str, str, int]  # (call id, kind, version token, block ind
 # A run of blocks fetched by one ranged request: long enough to amortise a round trip,
 # short enough that a reader waiting on the first block does not wait long.
 MAX_RUN_BLOCKS = 8
+WRITERS = 2  # tasks storing fetched blocks on disk
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Stream:
     next_offset: int = -1
     window: int = 0  # blocks of read-ahead
     ahead_until: int = 0  # read-ahead has been started for blocks below this index
+    version: str | None = None  # token of the version this open file has served bytes of
 
 
 @dataclass
@@ -53,6 +55,9 @@ class ReaderStats:
     blocks_from_memory: int = 0
     blocks_from_disk: int = 0
     blocks_from_network: int = 0
+    bytes_from_memory: int = 0
+    bytes_from_disk: int = 0
+    bytes_from_network: int = 0
     errors: int = 0
 
 
@@ -93,7 +98,7 @@ class ArtifactStore:
         ](32)
         self.stats = ReaderStats()
         self.on_version_change: Callable[[str, str], None] | None = None
-        for _ in range(2):
+        for _ in range(WRITERS):
             nursery.start_soon(self._writer)
 
     # -- versions ------------------------------------------------------------------------
@@ -188,6 +193,17 @@ class ArtifactStore:
                     async with state.lock:
                         await self._adopt(call_id, kind, state, exc.new_version)
                     continue
+                if stream is not None and data:
+                    token = version.token()
+                    if stream.version is None:
+                        stream.version = token
+                    elif stream.version != token:
+                        # Bytes of the old version already went to this reader: more bytes
+                        # of the new one would splice two files into one. Reopening reads
+                        # the new version whole.
+                        raise NetworkError(
+                            f"{call_id}/{kind} changed on the server while open; open it again"
+                        )
                 self.stats.bytes_read += len(data)
                 return data
             raise NetworkError(f"{call_id}/{kind} keeps changing on the server")
@@ -237,6 +253,7 @@ class ArtifactStore:
             data = self._memory.get(key)
             if data is not None:
                 self.stats.blocks_from_memory += 1
+                self.stats.bytes_from_memory += len(data)
                 found[index] = data
             elif key in self._inflight:
                 waits[index] = self._inflight[key]
@@ -251,6 +268,7 @@ class ArtifactStore:
                 for index, data in zip(on_disk, datas, strict=True):
                     if data is not None:
                         self.stats.blocks_from_disk += 1
+                        self.stats.bytes_from_disk += len(data)
                         self._memory[(call_id, kind, token, index)] = data
                         found[index] = data
             missing = []
@@ -311,6 +329,7 @@ class ArtifactStore:
 
         async def sink(index: int, data: bytes) -> None:
             self.stats.blocks_from_network += 1
+            self.stats.bytes_from_network += len(data)
             self._deliver(call_id, kind, version, index, data)
             pending = pendings.pop(index, None)
             if pending is not None:
@@ -337,6 +356,19 @@ class ArtifactStore:
 
     def _deliver(self, call_id: str, kind: str, version: Version, index: int, data: bytes) -> None:
         self._memory[(call_id, kind, version.token(), index)] = data
+
+    async def flush(self) -> None:
+        """Return once every block queued for the disk is stored (or skipped).
+
+        For a short-lived user (prefetch) that wants its fetched blocks on disk before it
+        cancels the nursery; blocks of fetches still running may be queued after it returns.
+        """
+        while True:
+            s = self._writes_send.statistics()
+            idle = s.tasks_waiting_receive == WRITERS  # no writer is storing a block
+            if idle and not s.current_buffer_used and not s.tasks_waiting_send:
+                return
+            await trio.sleep(0.01)
 
     async def _writer(self) -> None:
         async for call_id, kind, version, index, data in self._writes_recv:
@@ -415,6 +447,7 @@ class ArtifactStore:
                 missing[index] = pending
                 continue
             self.stats.blocks_from_disk += 1
+            self.stats.bytes_from_disk += len(data)
             self._deliver(call_id, kind, version, index, data)
             self._inflight.pop((call_id, kind, token, index), None)
             pending.data = data

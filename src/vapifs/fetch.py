@@ -69,7 +69,8 @@ class Fetcher:
         self._limiter = trio.CapacityLimiter(max_connections)
         self._max_refusals = max_refusals
         self.requests = 0
-        self.bytes_received = 0
+        self.bytes_received = 0  # body bytes off the wire, skipped ones included
+        self.failures = 0  # requests that were refused or are retried
 
     async def fetch(
         self,
@@ -103,6 +104,7 @@ class Fetcher:
                         resolution, call_id, kind, pos, end, version, sink
                     )
             except _Refused as exc:
+                self.failures += 1
                 self._resolver.invalidate(call_id, kind, resolution)
                 refusals += 1
                 last = str(exc)
@@ -113,6 +115,7 @@ class Fetcher:
                 log.debug("fetch: %s/%s: %s; resolving again", call_id, kind, last)
                 continue
             except _Retry as exc:
+                self.failures += 1
                 if pos > start_pos:
                     failures = 0
                 failures += 1
@@ -212,13 +215,13 @@ class Fetcher:
             need = min(bs, version.size - index * bs)
             try:
                 async for chunk in response.aiter_raw():
+                    self.bytes_received += len(chunk)
                     if skip:
                         if len(chunk) <= skip:
                             skip -= len(chunk)
                             continue
                         chunk = chunk[skip:]
                         skip = 0
-                    self.bytes_received += len(chunk)
                     buf += chunk
                     while len(buf) >= need and pos < body_end:
                         block = bytes(buf[:need])

@@ -7,7 +7,10 @@ import os
 import re
 import stat
 import sys
+import time
+from datetime import datetime, tzinfo
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import __version__
 from .api import DEFAULT_API_URL
@@ -18,10 +21,22 @@ examples:
   vapifs mount ~/vapi                        # returns once mounted; the daemon runs on
   ls ~/vapi/calls/                           # the last 14 days of calls, newest first
   ffprobe ~/vapi/calls/<call-id>/stereo.wav  # customer left, assistant right
-  zgrep -c ERROR ~/vapi/calls/<call-id>/call-logs.jsonl.gz
+  grep -c ERROR ~/vapi/calls/<call-id>/call-logs.jsonl   # the logs, decompressed on the fly
+  ls ~/vapi/by-date/2026-11-20/              # one day's calls (by-assistant/<id>/ likewise)
+  vapifs mount ~/vapi --since 2026-11-01 --until 2026-11-08 --assistant <assistant-id>
   vapifs umount ~/vapi
   vapifs demo                                # try it with the embedded fake Vapi: no key needed
   vapifs cache stats                         # what the on-disk cache holds
+  vapifs stats ~/vapi                        # a running mount's requests, bytes, hit ratio
+  vapifs prefetch --since 2d --artifacts stereo,logs   # warm the cache for offline work
+"""
+
+PREFETCH_EXAMPLES = """\
+examples:
+  vapifs prefetch --since 2d                 # every artifact of the calls of the last 2 days
+  vapifs prefetch --since 2025-01-01 --until 2025-01-31 --artifacts stereo,logs
+  vapifs prefetch ~/vapi/calls/<call-id>     # one call, through the running mount
+  vapifs prefetch <call-id> -j 8             # by id, no mount needed
 """
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -35,6 +50,28 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 10G, 500M)")
     power = " KMGT".index(match.group(2).upper() or " ")
     return int(float(match.group(1)) * (1024**power))
+
+
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?$")
+
+
+def parse_when(text: str, zone: tzinfo, now: float) -> tuple[float | None, float | None]:
+    """--since/--until: (a duration back from now, None) or (None, an instant).
+
+    A duration needs its unit (a bare number would be ambiguous); a date without a time is
+    the start of that day; dates and times without an offset are in `zone`.
+    """
+    text = text.strip()
+    if _DAY.match(text):
+        moment = datetime.fromisoformat(text)
+    else:
+        match = _DURATION.match(text)
+        if not match or not match.group(2):
+            raise UsageError(f"not a duration or a date: {text!r} (try 14d, 36h, 2026-11-01)")
+        return parse_duration(text), None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    return None, moment.timestamp()
 
 
 def parse_duration(text: str) -> float:
@@ -146,11 +183,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a listing of calls/ is reused before asking for new calls (default: 60s)",
     )
     m.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="calls/ lists calls created since WHEN: a duration back from now (14d, 36h) or a "
+        "date (2026-11-01, or 2026-11-01T08:00) in --timezone (default: 14d); any call id "
+        "resolves",
+    )
+    m.add_argument(
         "--days",
         type=float,
-        default=14.0,
         metavar="N",
-        help="calls/ lists the calls of the last N days (default: 14); any call id resolves",
+        help="the same as --since Nd",
+    )
+    m.add_argument(
+        "--until",
+        metavar="WHEN",
+        help="list only calls created before WHEN (a duration back from the mount, or a date)",
+    )
+    m.add_argument(
+        "--assistant",
+        dest="assistants",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="list only the calls of this assistant (repeatable)",
+    )
+    m.add_argument(
+        "--timezone",
+        default="UTC",
+        metavar="NAME",
+        help="time zone of by-date/ and of dates given to --since/--until, e.g. Europe/Paris "
+        "(default: UTC)",
     )
     m.add_argument(
         "--read-timeout",
@@ -190,6 +253,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("action", choices=["stats", "verify", "clear"])
     add_cache_dir(c)
+
+    st = sub.add_parser(
+        "stats",
+        help="live figures of a running mount: requests, bytes by source, hit ratio, cache",
+        description="Print a running mount's figures since it started: API requests by kind, "
+        "storage GETs, signed-URL resolutions, bytes from the network, the disk cache and "
+        "memory, hit ratio, open files, errors, cache fill and uptime. Re-reads served by the "
+        "kernel page cache never reach the mount and are not counted.",
+    )
+    st.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    st.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+
+    pf = sub.add_parser(
+        "prefetch",
+        help="warm the cache with calls' recordings and logs, in parallel and resumably",
+        description="Fetch artifacts into the cache so that later reads need no network.\n"
+        "PATHs are call ids, calls/<id>[/<file>], or paths inside a vapifs mount; --since\n"
+        "selects the calls created in a window. When a running mount uses the same cache\n"
+        "dir, everything is read through that mount; otherwise prefetch fetches by itself\n"
+        "(the key comes from VAPI_PRIVATE_API_KEY or --api-key-file, as for mount). Blocks\n"
+        "already cached cost nothing, so an interrupted run can simply be started again.",
+        epilog=PREFETCH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pf.add_argument("paths", type=Path, nargs="*", metavar="PATH")
+    pf.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="calls created since WHEN: a duration ago (2d, 12h) or a date/time (2025-01-31)",
+    )
+    pf.add_argument("--until", metavar="WHEN", help="... and until WHEN (default: now)")
+    pf.add_argument(
+        "--artifacts",
+        default="all",
+        metavar="LIST",
+        help="which artifacts, comma separated: mono,stereo,customer,assistant,video,logs,pcap "
+        "(default: all)",
+    )
+    pf.add_argument(
+        "-j", "--jobs", type=int, default=4, metavar="N", help="files fetched at once (default: 4)"
+    )
+    pf.add_argument("--json", action="store_true", help="print the totals as JSON")
+    pf.add_argument(
+        "--api-url",
+        default=os.environ.get("VAPI_API_URL", DEFAULT_API_URL),
+        metavar="URL",
+        help="Vapi API base URL (default: $VAPI_API_URL or %(default)s)",
+    )
+    pf.add_argument(
+        "--api-key-file", type=Path, metavar="FILE", help="read the key from FILE (mode 600)"
+    )
+    add_cache_dir(pf)
+    pf.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default=parse_size("10G"),
+        metavar="SIZE",
+        help="hard cap on the disk cache, as for mount (default: 10G)",
+    )
     return parser
 
 
@@ -226,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
             from .cachecmd import run_cache_command
 
             return run_cache_command(args.action, args.cache_dir)
+        if args.command == "stats":
+            from .stats import run_stats
+
+            return run_stats(args.mountpoint, args.json)
+        if args.command == "prefetch":
+            return cmd_prefetch(args)
     except UsageError as exc:
         print(f"vapifs: {exc}", file=sys.stderr)
         return 2
@@ -250,6 +378,26 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
     if args.cache_size < (1 << 20):
         raise UsageError("--cache-size must be at least 1M")
+    try:
+        zone = ZoneInfo(args.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise UsageError(f"--timezone {args.timezone!r} is not a known time zone") from None
+    now = time.time()
+    if args.since is not None and args.days is not None:
+        raise UsageError("--since and --days say the same thing: give one of them")
+    if args.days is not None:
+        window, since = args.days * 86400.0, None
+    else:
+        window, since = parse_when(args.since or "14d", zone, now)
+    until = None
+    if args.until is not None:
+        back, until = parse_when(args.until, zone, now)
+        if back is not None:
+            until = now - back
+    if until is not None and since is not None and until <= since:
+        raise UsageError("--until must be later than --since")
+    if any(not a.strip() for a in args.assistants):
+        raise UsageError("--assistant needs an assistant id")
     opts = MountOptions(
         mountpoint=args.mountpoint.expanduser().absolute(),
         api_url=args.api_url,
@@ -262,11 +410,47 @@ def cmd_mount(args: argparse.Namespace) -> int:
         log_file=args.log_file.expanduser().absolute() if args.log_file else None,
         revalidate=args.revalidate,
         dir_ttl=args.dir_ttl,
-        window_days=args.days,
+        window_days=window / 86400.0 if window is not None else 14.0,
+        since=since,
+        until=until,
+        assistants=list(args.assistants),
+        timezone=args.timezone,
         read_timeout=args.read_timeout,
         stall_timeout=args.stall_timeout,
     )
     return run_mount(opts)
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    from .prefetch import KINDS, PrefetchOptions, parse_kinds, parse_when, run_prefetch
+
+    if not args.paths and args.since is None:
+        raise UsageError("prefetch needs PATHs or --since (e.g. vapifs prefetch --since 2d)")
+    if args.until is not None and args.since is None:
+        raise UsageError("--until needs --since")
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    if not re.match(r"^https?://[^\s/]+", args.api_url):
+        raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
+    try:
+        since = parse_when(args.since) if args.since is not None else None
+        until = parse_when(args.until) if args.until is not None else None
+        kinds = frozenset(KINDS) if args.artifacts == "all" else parse_kinds(args.artifacts)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    opts = PrefetchOptions(
+        paths=[p.expanduser() for p in args.paths],
+        since=since,
+        until=until,
+        kinds=kinds,
+        cache_dir=args.cache_dir.expanduser().absolute(),
+        cache_size=args.cache_size,
+        jobs=args.jobs,
+        api_url=args.api_url,
+        key=lambda: read_key(args.api_key_file),
+        progress=sys.stderr.isatty(),
+    )
+    return run_prefetch(opts, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import httpx
 import pyfuse3
@@ -26,10 +27,13 @@ from .cache import BlockCache, MetaStore
 from .errors import KeyRejected, VapifsError
 from .fetch import Fetcher
 from .fs import Operations
+from .gzview import GzipViews
 from .reader import ArtifactStore
 from .redact import REDACTOR, RedactingFilter
 from .resolver import Resolver
 from .retry import RetryPolicy
+from .stats import Sources, snapshot
+from .stats import encode as encode_stats
 from .tree import Tree
 
 log = logging.getLogger("vapifs")
@@ -53,6 +57,10 @@ class MountOptions:
     revalidate: float = 86400.0
     dir_ttl: float = 60.0
     window_days: float = 14.0
+    since: float | None = None  # a fixed start of the window (else window_days back)
+    until: float | None = None
+    assistants: list[str] = field(default_factory=list)
+    timezone: str = "UTC"
     read_timeout: float = 30.0
     stall_timeout: float = 10.0
     connect_timeout: float = 5.0
@@ -200,10 +208,33 @@ async def _serve(opts: MountOptions, notifier: _Notifier) -> int:
                 revalidate_after=opts.revalidate,
                 read_timeout=opts.read_timeout,
             )
-            tree = Tree(api, store, meta, window_days=opts.window_days, dir_ttl=opts.dir_ttl)
+            tree = Tree(
+                api,
+                store,
+                meta,
+                window_days=opts.window_days,
+                since=opts.since,
+                until=opts.until,
+                assistants=opts.assistants,
+                timezone=ZoneInfo(opts.timezone),
+                dir_ttl=opts.dir_ttl,
+                gz=GzipViews(meta, nursery=nursery),
+            )
             kernel_options, owner = fuse_options(opts)
             ops = Operations(tree, uid=owner.uid, gid=owner.gid, umask=owner.umask)
             tree.on_invalidate = _invalidator(nursery)
+            sources = Sources(
+                api=api,
+                resolver=resolver,
+                fetcher=fetcher,
+                cache=cache,
+                store=store,
+                open_files=lambda: ops.open_files,
+                started=time.time(),
+                mountpoint=str(opts.mountpoint),
+                cache_dir=str(opts.cache_dir),
+            )
+            ops.stats_source = lambda: encode_stats(snapshot(sources))
             try:
                 pyfuse3.init(ops, str(opts.mountpoint), kernel_options)
             except RuntimeError as exc:
@@ -228,7 +259,7 @@ async def _serve(opts: MountOptions, notifier: _Notifier) -> int:
                         return
 
             async def write_stats() -> None:
-                started = time.time()
+                started = sources.started
                 while True:
                     payload: dict[str, object] = {
                         "pid": os.getpid(),
@@ -243,6 +274,7 @@ async def _serve(opts: MountOptions, notifier: _Notifier) -> int:
                         "cache_misses": cache.misses,
                         "open_files": ops.open_files,
                         **{f"reader_{k}": v for k, v in vars(store.stats).items()},
+                        "stats": snapshot(sources),
                     }
                     with contextlib.suppress(OSError):
                         await trio.to_thread.run_sync(_write_runtime, stats_path, payload)
@@ -257,6 +289,11 @@ async def _serve(opts: MountOptions, notifier: _Notifier) -> int:
                 pyfuse3.close(unmount=True)
                 with contextlib.suppress(OSError):
                     stats_path.unlink()
+                # Blocks read just before the unmount still reach the disk: a later mount,
+                # offline perhaps, finds them there.
+                with trio.move_on_after(5.0) as flushing:
+                    flushing.shield = True
+                    await store.flush()
                 nursery.cancel_scope.cancel()
     log.info("unmounted %s", opts.mountpoint)
     return 0

@@ -26,6 +26,8 @@ class Redactor:
     def add_secret(self, secret: str) -> None:
         if secret and secret not in self._secrets:
             self._secrets.append(secret)
+            # Longest first: a secret that contains another must not be left half-replaced.
+            self._secrets.sort(key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
         text = _URL_QUERY.sub(r"\1?<redacted>", text)
@@ -42,7 +44,10 @@ class RedactingFilter(logging.Filter):
     """A logging filter that renders each record once and scrubs the result."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not turn a log call into a crash
+            message = f"{record.msg!s} {record.args!r}"
         if record.exc_info:
             message += "\n" + logging.Formatter().formatException(record.exc_info)
             record.exc_info = None

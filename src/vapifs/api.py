@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin
@@ -47,8 +48,8 @@ class Resolution:
     when the API served the body directly, in which case `headers` carries the key.
     """
 
-    url: str
-    headers: dict[str, str] = field(default_factory=dict)
+    url: str = field(repr=False)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
     direct: bool = False
 
 
@@ -81,6 +82,9 @@ class VapiClient:
         self._auth = {"Authorization": f"Bearer {api_key}"}
         self._policy = policy or RetryPolicy()
         REDACTOR.add_secret(api_key)
+        # Sees every call object as the API sent it (presigned URLs included), before any
+        # caller strips them: the resolver keeps those URLs in memory and saves round trips.
+        self.on_calls: Callable[[list[dict[str, Any]]], None] | None = None
         self.requests = 0
         # Every HTTP attempt, retries included, by kind: list (GET /call), get, resolve.
         self.attempts: dict[str, int] = dict.fromkeys(("list", "get", "resolve"), 0)
@@ -157,13 +161,18 @@ class VapiClient:
         body = await self._json("/call", filters)
         if not isinstance(body, list):
             raise ProtocolError("GET /call: expected a JSON array")
-        return [item for item in body if isinstance(item, dict)]
+        calls = [item for item in body if isinstance(item, dict)]
+        if self.on_calls is not None:
+            self.on_calls(calls)
+        return calls
 
     async def get_call(self, call_id: str) -> dict[str, Any]:
         """`GET /call/{id}`; NotFound when the call does not exist."""
         body = await self._json(f"/call/{call_id}")
         if not isinstance(body, dict):
             raise ProtocolError(f"GET /call/{call_id}: expected a JSON object")
+        if self.on_calls is not None:
+            self.on_calls([body])
         return body
 
     async def resolve(self, call_id: str, kind: str) -> Resolution:
@@ -224,5 +233,9 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, VapifsError):
         return REDACTOR(str(exc))
     if isinstance(exc, httpx.HTTPError):
-        return f"{type(exc).__name__} on {redact_url(str(exc.request.url))}"
+        try:
+            where = redact_url(str(exc.request.url))
+        except RuntimeError:  # an error raised outside a request has no URL to name
+            return type(exc).__name__
+        return f"{type(exc).__name__} on {where}"
     return REDACTOR(f"{type(exc).__name__}: {exc}")

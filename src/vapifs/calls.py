@@ -144,3 +144,12 @@ def modified_at(call: dict[str, Any]) -> float:
 
 def is_ended(call: dict[str, Any]) -> bool:
     return call.get("status") in ENDED
+
+
+def presigned_urls(call: dict[str, Any]) -> tuple[dict[str, str], float | None]:
+    """kind -> the presigned URL the call object carries, and when they all expire."""
+    artifact = _dict(call.get("artifact"))
+    urls = {
+        kind: url for kind, field in _PRESIGNED_FIELD.items() if (url := _url(artifact.get(field)))
+    }
+    return urls, parse_time(artifact.get("presignedUrlsExpiresAt"))

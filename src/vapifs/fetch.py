@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import httpx
 import trio
@@ -23,7 +24,9 @@ _UNSATISFIED = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
 _REFUSED = {400, 401, 403, 404, 410}
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
-Sink = Callable[[int, bytes], Awaitable[None]]
+Sink = Callable[[int, bytes], Awaitable[None]]  # (block index, block)
+_PieceSink = Callable[[int, bytes], Awaitable[None]]  # (offset, piece)
+_PieceEnd = Callable[[int, int], int]
 
 
 def version_of(response: httpx.Response, size: int) -> Version:
@@ -43,6 +46,16 @@ class _Retry(Exception):
 
 class _Refused(Exception):
     """The storage host refused the signed URL: resolve again, right away."""
+
+
+@dataclass
+class _Progress:
+    """Where a run stands; kept up to date block by block so a failed try resumes exactly."""
+
+    pos: int  # the first byte not yet delivered (always at a piece boundary)
+    end: int  # one past the last byte wanted (clipped to the size once known)
+    version: Version | None  # the version every delivered piece belongs to
+    piece_end: _PieceEnd  # (piece start, artifact size) -> where that piece ends
 
 
 class Fetcher:
@@ -87,22 +100,46 @@ class Fetcher:
         Raises VersionChanged when the server's version differs from `expect`.
         """
         bs = self.block_size
-        pos = first * bs
-        end = (first + count) * bs
-        if expect is not None:
-            end = min(end, expect.size)
-        version = expect
+
+        async def by_index(pos: int, data: bytes) -> None:
+            await sink(pos // bs, data)
+
+        def block_end(pos: int, size: int) -> int:
+            return min((pos // bs + 1) * bs, size)
+
+        state = _Progress(first * bs, (first + count) * bs, expect, block_end)
+        return await self._run(call_id, kind, state, by_index)
+
+    async def fetch_bytes(
+        self, call_id: str, kind: str, start: int, end: int, expect: Version
+    ) -> bytes:
+        """Exactly bytes [start, end) of `expect`, for reads that do not warrant whole blocks."""
+        parts: list[bytes] = []
+
+        async def keep(pos: int, data: bytes) -> None:
+            parts.append(data)
+
+        def to_end(pos: int, size: int) -> int:
+            return min(end, size)
+
+        await self._run(call_id, kind, _Progress(start, end, expect, to_end), keep)
+        return b"".join(parts)
+
+    async def _run(self, call_id: str, kind: str, state: _Progress, sink: _PieceSink) -> Version:
+        """Fetch bytes [state.pos, state.end) piece by piece, with retries that resume."""
+        # A failed try keeps what it achieved (pieces delivered, version learnt): the next
+        # one resumes at the first undelivered piece and must match that version.
+        if state.version is not None:
+            state.end = min(state.end, state.version.size)
         failures = 0
         refusals = 0
         last = "no attempt"
-        while version is None or pos < end:
+        while state.version is None or state.pos < state.end:
             resolution = await self._resolver.get(call_id, kind)
-            start_pos = pos
+            start_pos = state.pos
             try:
                 async with self._limiter:
-                    version, pos, end = await self._one_request(
-                        resolution, call_id, kind, pos, end, version, sink
-                    )
+                    await self._one_request(resolution, call_id, kind, state, sink)
             except _Refused as exc:
                 self.failures += 1
                 self._resolver.invalidate(call_id, kind, resolution)
@@ -116,7 +153,7 @@ class Fetcher:
                 continue
             except _Retry as exc:
                 self.failures += 1
-                if pos > start_pos:
+                if state.pos > start_pos:
                     failures = 0
                 failures += 1
                 last = str(exc)
@@ -128,23 +165,21 @@ class Fetcher:
                 log.debug("fetch: %s/%s: %s; retrying in %.2fs", call_id, kind, last, delay)
                 await trio.sleep(delay)
                 continue
-            if version is not None and version.size == 0:
+            if state.version is not None and state.version.size == 0:
                 break
-        assert version is not None
-        return version
+        assert state.version is not None
+        return state.version
 
     async def _one_request(
         self,
         resolution: Resolution,
         call_id: str,
         kind: str,
-        pos: int,
-        end: int,
-        version: Version | None,
-        sink: Sink,
-    ) -> tuple[Version, int, int]:
-        """One GET of bytes [pos, end); returns (version, new pos, end) after delivering."""
-        bs = self.block_size
+        state: _Progress,
+        sink: _PieceSink,
+    ) -> None:
+        """One GET of bytes [state.pos, state.end); advances `state` piece by piece."""
+        pos, end, version = state.pos, state.end, state.version
         headers = {"Range": f"bytes={pos}-{end - 1}", "Accept-Encoding": "identity"}
         headers.update(resolution.headers)
         self.requests += 1
@@ -169,13 +204,13 @@ class Fetcher:
                 if match:
                     new = version_of(response, int(match.group(1)))
                     if version is None and pos >= new.size:
-                        return new, pos, min(end, new.size)
+                        state.version, state.end = new, min(end, new.size)
+                        return
                     if version is not None and new != version:
                         raise VersionChanged(f"{call_id}/{kind} changed size", new)
                 raise _Retry("storage answered HTTP 416")
             encoding = response.headers.get("content-encoding", "identity").strip().lower()
-            if encoding not in ("", "identity"):
-                raise _Retry(f"storage sent a {encoding}-encoded body")
+            encoded = encoding not in ("", "identity")
             skip = 0
             if status == 206:
                 match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
@@ -186,12 +221,19 @@ class Fetcher:
                     int(match.group(2)),
                     int(match.group(3)),
                 )
+                if encoded and response.headers.get("content-length") != str(r_stop - r_start + 1):
+                    # Compressed on the way (a proxy, say): these are not the stored bytes.
+                    raise _Retry(f"storage sent a {encoding}-encoded body")
+                # Otherwise the object is stored compressed (logs uploaded with
+                # Content-Encoding: gzip) and these are exactly its bytes: take them raw.
                 if r_start != pos or r_stop >= max(end, pos + 1) or r_stop >= total:
                     raise _Retry(
                         f"storage sent bytes {r_start}-{r_stop}, not the {pos}-{end - 1} asked"
                     )
                 body_end = r_stop + 1
             elif status == 200:
+                if encoded:
+                    raise _Retry(f"storage ignored Range and sent a {encoding}-encoded body")
                 # The host ignored Range: skip to the wanted offset in the whole body.
                 length = response.headers.get("content-length")
                 if length is None or not length.isdigit():
@@ -207,14 +249,17 @@ class Fetcher:
             elif got != version:
                 raise VersionChanged(f"{call_id}/{kind} changed on the server", got)
             end = min(end, version.size)
+            state.version, state.end = version, end
             if pos >= end:
-                return version, pos, end
+                return
             body_end = min(body_end, end)
             buf = bytearray()
-            index = pos // bs
-            need = min(bs, version.size - index * bs)
+            need = state.piece_end(pos, version.size) - pos
             try:
-                async for chunk in response.aiter_raw():
+                # Bytes exactly as stored: never let httpx decode them. For an identity body
+                # aiter_bytes() is the same and also works on a body already read.
+                chunks = response.aiter_raw() if encoded else response.aiter_bytes()
+                async for chunk in chunks:
                     self.bytes_received += len(chunk)
                     if skip:
                         if len(chunk) <= skip:
@@ -222,20 +267,21 @@ class Fetcher:
                             continue
                         chunk = chunk[skip:]
                         skip = 0
-                    buf += chunk
+                    # Never buffer past what the response says it carries: a body longer
+                    # than its Content-Range must not complete a block with foreign bytes.
+                    buf += chunk[: body_end - pos - len(buf)]
                     while len(buf) >= need and pos < body_end:
-                        block = bytes(buf[:need])
+                        piece = bytes(buf[:need])
                         del buf[:need]
-                        await sink(index, block)
+                        await sink(pos, piece)
                         pos += need
-                        index += 1
-                        need = min(bs, version.size - index * bs)
+                        state.pos = pos
+                        need = state.piece_end(pos, version.size) - pos
                     if pos >= body_end:
                         break
             except (httpx.TransportError, httpx.StreamError) as exc:
                 raise _Retry(f"{type(exc).__name__} after {pos} bytes") from None
             if pos < body_end:
                 raise _Retry("storage closed the body early")
-            return version, pos, end
         finally:
             await response.aclose()

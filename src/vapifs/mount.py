@@ -199,6 +199,7 @@ async def _serve(opts: MountOptions, notifier: _Notifier) -> int:
         await trio.to_thread.run_sync(cache.open)
         async with trio.open_nursery() as nursery:
             resolver = Resolver(api)
+            api.on_calls = resolver.offer_calls
             fetcher = Fetcher(client, resolver, block_size=cache.block_size)
             store = ArtifactStore(
                 nursery,

@@ -412,6 +412,7 @@ async def _with_core(
         await trio.to_thread.run_sync(cache.open)
         async with trio.open_nursery() as nursery:
             resolver = Resolver(api)
+            api.on_calls = resolver.offer_calls
             fetcher = Fetcher(client, resolver, block_size=cache.block_size)
             store = ArtifactStore(nursery, cache, meta, fetcher, read_timeout=opts.read_timeout)
             core = _Core(api, Tree(api, store, meta), store, cache, fetcher)

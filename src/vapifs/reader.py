@@ -225,25 +225,50 @@ class ArtifactStore:
         end = min(offset + size, version.size)
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
+        sequential, jump = self._note_access(stream, offset, end)
         with trio.move_on_after(self.read_timeout) as scope:
-            blocks = await self._blocks(call_id, kind, version, first, last)
+            found, waits, missing = await self._collect(call_id, kind, version, first, last)
+            if jump and len(missing) == last - first + 1:
+                # A seek to a spot nothing has fetched yet: one request for exactly these
+                # bytes answers sooner than whole blocks (one round trip, little data).
+                data = await self.fetcher.fetch_bytes(call_id, kind, offset, end, version)
+                self.stats.bytes_from_network += len(data)
+                return data
+            waits.update(self._start_fetches(call_id, kind, version, missing))
+            if sequential and stream is not None:
+                self._read_ahead(call_id, kind, version, end, stream)
+            blocks = await self._wait(found, waits, first, last)
         if scope.cancelled_caught:
             raise NetworkError(
                 f"{call_id}/{kind}: bytes {offset}-{end - 1} not fetched within "
                 f"{self.read_timeout:g}s"
             )
-        if stream is not None:
-            self._read_ahead(call_id, kind, version, offset, end, stream)
-        if first == last:
-            start = offset - first * bs
-            return blocks[0][start : start + (end - offset)]
-        joined = b"".join(blocks)
         start = offset - first * bs
-        return joined[start : start + (end - offset)]
+        if first == last:
+            block = blocks[0]
+            if start == 0 and end - offset == len(block):
+                return block
+            return block[start : start + (end - offset)]
+        return b"".join(blocks)[start : start + (end - offset)]
 
-    async def _blocks(
+    def _note_access(self, stream: Stream | None, offset: int, end: int) -> tuple[bool, bool]:
+        """Is this read sequential (grow read-ahead), or a jump within an open file?"""
+        if stream is None:
+            return False, False
+        near = stream.next_offset >= 0 and abs(offset - stream.next_offset) <= 2 * self.block_size
+        jump = stream.next_offset >= 0 and not near
+        if near:
+            stream.next_offset = max(stream.next_offset, end)
+        else:
+            stream.next_offset = end
+            stream.window = 0
+            stream.ahead_until = 0
+        return near, jump
+
+    async def _collect(
         self, call_id: str, kind: str, version: Version, first: int, last: int
-    ) -> list[bytes]:
+    ) -> tuple[dict[int, bytes], dict[int, _Pending], list[int]]:
+        """Blocks found in memory or on disk, blocks in flight, and blocks nobody has."""
         token = version.token()
         found: dict[int, bytes] = {}
         waits: dict[int, _Pending] = {}
@@ -259,28 +284,18 @@ class ArtifactStore:
                 waits[index] = self._inflight[key]
             else:
                 unknown.append(index)
-        if unknown:
-            on_disk = [i for i in unknown if self.cache.has(call_id, kind, version, i)]
-            if on_disk:
-                datas = await trio.to_thread.run_sync(
-                    self._disk_get_many, call_id, kind, version, on_disk
-                )
-                for index, data in zip(on_disk, datas, strict=True):
-                    if data is not None:
-                        self.stats.blocks_from_disk += 1
-                        self.stats.bytes_from_disk += len(data)
-                        self._memory[(call_id, kind, token, index)] = data
-                        found[index] = data
-            missing = []
-            for index in unknown:
-                if index in found:
-                    continue
-                key = (call_id, kind, token, index)
-                if key in self._inflight:  # another reader started it while we were on disk
-                    waits[index] = self._inflight[key]
-                else:
-                    missing.append(index)
-            waits.update(self._start_fetches(call_id, kind, version, missing))
+        missing = [i for i in unknown if not self.cache.has(call_id, kind, version, i)]
+        # In flight from now on, so that concurrent readers wait for this one disk read
+        # (and a damaged block is reported and fetched once).
+        on_disk = self._register(call_id, kind, version, [i for i in unknown if i not in missing])
+        if on_disk:
+            waits.update(on_disk)
+            await self._load_from_disk(call_id, kind, version, on_disk)
+        return found, waits, missing
+
+    async def _wait(
+        self, found: dict[int, bytes], waits: dict[int, _Pending], first: int, last: int
+    ) -> list[bytes]:
         for index, pending in waits.items():
             await pending.event.wait()
             if pending.error is not None:
@@ -294,26 +309,39 @@ class ArtifactStore:
     ) -> list[bytes | None]:
         return [self.cache.get(call_id, kind, version, i) for i in indexes]
 
-    def _start_fetches(
+    def _register(
         self, call_id: str, kind: str, version: Version, indexes: list[int]
     ) -> dict[int, _Pending]:
-        """Start downloads of `indexes`, coalescing adjacent ones; returns their pendings."""
+        """Mark blocks as in flight: from now on, other readers wait for them."""
         token = version.token()
         pendings: dict[int, _Pending] = {}
+        for index in indexes:
+            pending = _Pending()
+            self._inflight[(call_id, kind, token, index)] = pending
+            pendings[index] = pending
+        return pendings
+
+    def _spawn_runs(
+        self, call_id: str, kind: str, version: Version, pendings: dict[int, _Pending]
+    ) -> None:
+        """Download registered blocks, adjacent ones coalesced into one request per run."""
         run: list[int] = []
-        for index in [*indexes, -2]:
+        for index in [*sorted(pendings), -2]:
             if run and (index != run[-1] + 1 or len(run) >= MAX_RUN_BLOCKS):
                 run_pendings = {i: pendings[i] for i in run}
                 self._nursery.start_soon(
                     self._fetch_run, call_id, kind, version, run[0], len(run), run_pendings
                 )
                 run = []
-            if index < 0:
-                break
-            pending = _Pending()
-            self._inflight[(call_id, kind, token, index)] = pending
-            pendings[index] = pending
-            run.append(index)
+            if index >= 0:
+                run.append(index)
+
+    def _start_fetches(
+        self, call_id: str, kind: str, version: Version, indexes: list[int]
+    ) -> dict[int, _Pending]:
+        """Start downloads of `indexes`, coalescing adjacent ones; returns their pendings."""
+        pendings = self._register(call_id, kind, version, indexes)
+        self._spawn_runs(call_id, kind, version, pendings)
         return pendings
 
     async def _fetch_run(
@@ -380,7 +408,7 @@ class ArtifactStore:
     # -- read-ahead ----------------------------------------------------------------------
 
     def _read_ahead(
-        self, call_id: str, kind: str, version: Version, offset: int, end: int, stream: Stream
+        self, call_id: str, kind: str, version: Version, end: int, stream: Stream
     ) -> None:
         """Grow a window of background fetches while a reader stays sequential.
 
@@ -389,12 +417,6 @@ class ArtifactStore:
         ranged requests rather than one small request per block.
         """
         bs = self.block_size
-        sequential = stream.next_offset >= 0 and abs(offset - stream.next_offset) <= 2 * bs
-        stream.next_offset = end
-        if not sequential:
-            stream.window = 0
-            stream.ahead_until = 0
-            return
         stream.window = min(max(1, stream.window * 2), self._max_readahead)
         current = (end - 1) // bs
         if stream.ahead_until - current > stream.window // 2:
@@ -417,11 +439,7 @@ class ArtifactStore:
         if wanted:
             self._start_fetches(call_id, kind, version, wanted)
         if on_disk:
-            pendings = {}
-            for index in on_disk:
-                pending = _Pending()
-                self._inflight[(call_id, kind, token, index)] = pending
-                pendings[index] = pending
+            pendings = self._register(call_id, kind, version, on_disk)
             self._nursery.start_soon(self._load_from_disk, call_id, kind, version, pendings)
 
     async def _load_from_disk(
@@ -453,18 +471,4 @@ class ArtifactStore:
             pending.data = data
             pending.event.set()
         # Blocks that vanished from the disk (evicted, damaged) come from the network instead.
-        run: list[int] = []
-        for index in [*sorted(missing), -2]:
-            if run and (index != run[-1] + 1 or len(run) >= MAX_RUN_BLOCKS):
-                self._nursery.start_soon(
-                    self._fetch_run,
-                    call_id,
-                    kind,
-                    version,
-                    run[0],
-                    len(run),
-                    {i: missing[i] for i in run},
-                )
-                run = []
-            if index >= 0:
-                run.append(index)
+        self._spawn_runs(call_id, kind, version, missing)

@@ -6,11 +6,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import trio
 
 from .api import Resolution, VapiClient
+from .calls import presigned_urls
 
 Key = tuple[str, str]  # (call id, artifact kind)
 
@@ -82,6 +84,34 @@ class Resolver:
             self._entries[key] = _Entry(resolution, self._clock() + age)
             self._prune()
             return resolution
+
+    def offer_calls(self, calls: list[dict[str, Any]]) -> None:
+        """Keep the presigned URLs that call objects carry, as if they had been resolved.
+
+        They come with every listing; using them while they are young spares one API round
+        trip per artifact. Short-lived ones are not worth keeping.
+        """
+        now_wall = time.time()
+        now = self._clock()
+        for call in calls:
+            call_id = call.get("id")
+            if not isinstance(call_id, str):
+                continue
+            urls, expires_at = presigned_urls(call)
+            for kind, url in urls.items():
+                age = self._max_age
+                lifetime = url_lifetime(url, now_wall)
+                if lifetime is not None:
+                    age = min(age, lifetime / 2)
+                if expires_at is not None:
+                    age = min(age, (expires_at - now_wall) / 2)
+                if age < 2.0:
+                    continue
+                entry = self._entries.get((call_id, kind))
+                if entry is not None and now < entry.fresh_until:
+                    continue
+                self._entries[(call_id, kind)] = _Entry(Resolution(url), now + age)
+        self._prune()
 
     def invalidate(self, call_id: str, kind: str, resolution: Resolution) -> None:
         """Forget `resolution` (if still current): the storage host refused it."""

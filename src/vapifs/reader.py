@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from cachetools import LRUCache
@@ -121,11 +122,7 @@ class ArtifactStore:
             if state.version is None:
                 doc = await trio.to_thread.run_sync(self.meta.get, "artifact", f"{call_id}/{kind}")
                 if doc is not None:
-                    try:
-                        state.version = Version.from_json(doc["version"])
-                        state.checked_at = float(doc["checked_at"])
-                    except (KeyError, TypeError, ValueError):
-                        state.version = None
+                    self._take_doc(state, doc)
             if state.version is not None and self._fresh(state):
                 return state.version
             try:
@@ -141,6 +138,30 @@ class ArtifactStore:
                 )
             assert state.version is not None
             return state.version
+
+    def stored_versions(self, call_id: str, kinds: set[str]) -> dict[str, Any]:
+        """The stored version documents of some artifacts (blocking: call it in a thread)."""
+        docs = {}
+        for kind in kinds:
+            doc = self.meta.get("artifact", f"{call_id}/{kind}")
+            if doc is not None:
+                docs[kind] = doc
+        return docs
+
+    def seed_versions(self, call_id: str, docs: dict[str, Any]) -> None:
+        """Adopt versions loaded by `stored_versions` where nothing newer is known."""
+        for kind, doc in docs.items():
+            state = self._artifacts.setdefault((call_id, kind), _Artifact())
+            if state.version is None:
+                self._take_doc(state, doc)
+
+    @staticmethod
+    def _take_doc(state: _Artifact, doc: Any) -> None:
+        try:
+            state.version = Version.from_json(doc["version"])
+            state.checked_at = float(doc["checked_at"])
+        except (KeyError, TypeError, ValueError):
+            state.version = None
 
     def _fresh(self, state: _Artifact) -> bool:
         return 0 <= self._now() - state.checked_at < self.revalidate_after

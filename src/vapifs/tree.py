@@ -372,9 +372,10 @@ class Tree:
         async with lock:
             entry = self._calls.get(call_id)
             if entry is None:
-                doc = await trio.to_thread.run_sync(self._meta.get, "call", call_id)
+                doc, versions = await trio.to_thread.run_sync(self._load_call, call_id)
                 if doc is not None and isinstance(doc.get("call"), dict):
                     entry = self._install(doc["call"], float(doc.get("fetched_at", 0.0)))
+                    self._store.seed_versions(call_id, versions)
             if entry is not None and not self._stale(entry):
                 return entry
             try:
@@ -391,6 +392,18 @@ class Tree:
             entry = self._install(C.sanitize(call), self._now())
             await self._persist_calls([entry])
             return entry
+
+    def _load_call(self, call_id: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """A stored call object and its artifacts' stored versions, in one trip to the disk.
+
+        Listing a call directory then needs no further disk trip per file.
+        """
+        doc = self._meta.get("call", call_id)
+        call = doc.get("call") if doc is not None else None
+        if not isinstance(call, dict):
+            return None, {}
+        kinds = set(C.artifact_files(call).values())
+        return doc, self._store.stored_versions(call_id, kinds)
 
     def _stale(self, entry: _Call) -> bool:
         """Ended calls do not change in practice; others are re-read after the dir TTL."""

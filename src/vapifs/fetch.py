@@ -58,6 +58,40 @@ class _Progress:
     piece_end: _PieceEnd  # (piece start, artifact size) -> where that piece ends
 
 
+class _Pieces:
+    """Received chunks, cut into pieces with one copy per byte (the join)."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        if chunk:
+            self._chunks.append(chunk)
+            self.size += len(chunk)
+
+    def take(self, n: int) -> bytes:
+        """The first `n` bytes (n <= size)."""
+        out: list[bytes] = []
+        got = 0
+        chunks = self._chunks
+        i = 0
+        while got < n:
+            chunk = chunks[i]
+            if got + len(chunk) <= n:
+                out.append(chunk)
+                got += len(chunk)
+                i += 1
+            else:
+                cut = n - got
+                out.append(chunk[:cut])
+                chunks[i] = chunk[cut:]
+                got = n
+        del chunks[:i]
+        self.size -= n
+        return out[0] if len(out) == 1 else b"".join(out)
+
+
 class Fetcher:
     """Downloads runs of whole blocks of an artifact and hands each block to a sink.
 
@@ -253,7 +287,7 @@ class Fetcher:
             if pos >= end:
                 return
             body_end = min(body_end, end)
-            buf = bytearray()
+            pending = _Pieces()
             need = state.piece_end(pos, version.size) - pos
             try:
                 # Bytes exactly as stored: never let httpx decode them. For an identity body
@@ -269,11 +303,9 @@ class Fetcher:
                         skip = 0
                     # Never buffer past what the response says it carries: a body longer
                     # than its Content-Range must not complete a block with foreign bytes.
-                    buf += chunk[: body_end - pos - len(buf)]
-                    while len(buf) >= need and pos < body_end:
-                        piece = bytes(buf[:need])
-                        del buf[:need]
-                        await sink(pos, piece)
+                    pending.add(chunk[: body_end - pos - pending.size])
+                    while pending.size >= need and pos < body_end:
+                        await sink(pos, pending.take(need))
                         pos += need
                         state.pos = pos
                         need = state.piece_end(pos, version.size) - pos

@@ -12,7 +12,7 @@ import trio
 from cachetools import LRUCache
 
 from .cache import BlockCache, MetaStore, Version
-from .errors import NetworkError, VapifsError, VersionChanged
+from .errors import KeyRejected, NetworkError, ProtocolError, VapifsError, VersionChanged
 from .fetch import Fetcher
 
 log = logging.getLogger("vapifs.reader")
@@ -22,7 +22,20 @@ BlockKey = tuple[str, str, str, int]  # (call id, kind, version token, block ind
 # A run of blocks fetched by one ranged request: long enough to amortise a round trip,
 # short enough that a reader waiting on the first block does not wait long.
 MAX_RUN_BLOCKS = 8
+# A reader that keeps seeking (an editor, a player scrubbing) gets the whole file fetched in
+# the background, several runs at once, so that later seeks are local; up to this size.
+FILL_AFTER_JUMPS = 4
+# ...but only where a seek costs a real round trip: on a fast link, fetching exactly what is
+# read is quicker than competing with a background download.
+FILL_MIN_SEEK_SECONDS = 0.01
+FILL_MAX_BYTES = 512 << 20
+FILL_PARALLEL = 4
 WRITERS = 2  # tasks storing fetched blocks on disk
+# After a read of an artifact gave up on the network, reads that need the network fail at
+# once for this long: the kernel retries a failed read (read-ahead, then the page itself)
+# at once, which would double the time a program waits and the lines in the log.
+GAVE_UP_MEMO = 2.0
+_GAVE_UP = (NetworkError, ProtocolError, KeyRejected)
 
 
 @dataclass
@@ -33,6 +46,18 @@ class Stream:
     window: int = 0  # blocks of read-ahead
     ahead_until: int = 0  # read-ahead has been started for blocks below this index
     version: str | None = None  # token of the version this open file has served bytes of
+    jumps: int = 0  # seeks to spots nothing had fetched
+    seek_seconds: float = 0.0  # how long such a seek took to answer (moving average)
+    fill: trio.CancelScope | None = None  # the background download of the whole file
+
+    def close(self) -> None:
+        """The file was closed: stop work done for this reader alone."""
+        if self.fill is not None:
+            self.fill.cancel()
+
+
+class _Abandoned(NetworkError):
+    """A download stopped because its reader went away; whoever still waits fetches again."""
 
 
 @dataclass
@@ -93,6 +118,7 @@ class ArtifactStore:
         self._now = wall_clock
         self._memory: LRUCache[BlockKey, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         self._inflight: dict[BlockKey, _Pending] = {}
+        self._gave_up: dict[tuple[str, str], tuple[float, VapifsError]] = {}
         self._artifacts: dict[tuple[str, str], _Artifact] = {}
         self._writes_send, self._writes_recv = trio.open_memory_channel[
             tuple[str, str, Version, int, bytes]
@@ -125,6 +151,8 @@ class ArtifactStore:
                     self._take_doc(state, doc)
             if state.version is not None and self._fresh(state):
                 return state.version
+            if state.version is None:
+                self._check_gave_up(call_id, kind)
             try:
                 await self._discover(call_id, kind, state)
             except NetworkError as exc:
@@ -192,9 +220,13 @@ class ArtifactStore:
                 self._memory.pop(key, None)
             if self.on_version_change is not None:
                 self.on_version_change(call_id, kind)
-        await trio.to_thread.run_sync(self.cache.drop_other_versions, call_id, kind, new)
         doc = {"version": new.to_json(), "checked_at": state.checked_at}
-        await trio.to_thread.run_sync(self.meta.put, "artifact", f"{call_id}/{kind}", doc)
+
+        def store() -> None:  # one trip to a worker thread for both
+            self.cache.drop_other_versions(call_id, kind, new)
+            self.meta.put("artifact", f"{call_id}/{kind}", doc)
+
+        await trio.to_thread.run_sync(store)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -205,8 +237,8 @@ class ArtifactStore:
         self.stats.reads += 1
         try:
             for _ in range(3):
-                version = await self.version(call_id, kind)
                 try:
+                    version = await self.version(call_id, kind)
                     data = await self._read(call_id, kind, version, offset, size, stream)
                 except VersionChanged as exc:
                     assert isinstance(exc.new_version, Version)
@@ -214,6 +246,9 @@ class ArtifactStore:
                     async with state.lock:
                         await self._adopt(call_id, kind, state, exc.new_version)
                     continue
+                except _GAVE_UP as exc:
+                    self._note_gave_up(call_id, kind, exc)
+                    raise
                 if stream is not None and data:
                     token = version.token()
                     if stream.version is None:
@@ -249,16 +284,25 @@ class ArtifactStore:
         sequential, jump = self._note_access(stream, offset, end)
         with trio.move_on_after(self.read_timeout) as scope:
             found, waits, missing = await self._collect(call_id, kind, version, first, last)
-            if jump and len(missing) == last - first + 1:
+            if missing:
+                self._check_gave_up(call_id, kind)
+            if jump and not found and not any(p.data for p in waits.values()):
                 # A seek to a spot nothing has fetched yet: one request for exactly these
                 # bytes answers sooner than whole blocks (one round trip, little data).
+                assert stream is not None
+                started = trio.current_time()
                 data = await self.fetcher.fetch_bytes(call_id, kind, offset, end, version)
+                took = trio.current_time() - started
+                stream.seek_seconds = (
+                    took if stream.jumps == 1 else (0.7 * stream.seek_seconds + 0.3 * took)
+                )
+                self._maybe_fill(call_id, kind, version, stream)
                 self.stats.bytes_from_network += len(data)
                 return data
             waits.update(self._start_fetches(call_id, kind, version, missing))
             if sequential and stream is not None:
                 self._read_ahead(call_id, kind, version, end, stream)
-            blocks = await self._wait(found, waits, first, last)
+            blocks = await self._wait(call_id, kind, version, found, waits, first, last)
         if scope.cancelled_caught:
             raise NetworkError(
                 f"{call_id}/{kind}: bytes {offset}-{end - 1} not fetched within "
@@ -272,12 +316,31 @@ class ArtifactStore:
             return block[start : start + (end - offset)]
         return b"".join(blocks)[start : start + (end - offset)]
 
+    def _note_gave_up(self, call_id: str, kind: str, exc: VapifsError) -> None:
+        if isinstance(exc, _Abandoned):
+            return
+        now = trio.current_time()
+        seen = self._gave_up.get((call_id, kind))
+        if seen is None or now - seen[0] >= GAVE_UP_MEMO:  # a replay does not extend it
+            self._gave_up[(call_id, kind)] = (now, exc)
+        if len(self._gave_up) > 256:
+            for key in [k for k, (t, _) in self._gave_up.items() if now - t >= GAVE_UP_MEMO]:
+                del self._gave_up[key]
+
+    def _check_gave_up(self, call_id: str, kind: str) -> None:
+        """Fail at once, as the last try did, if the network gave up on this artifact just now."""
+        seen = self._gave_up.get((call_id, kind))
+        if seen is not None and trio.current_time() - seen[0] < GAVE_UP_MEMO:
+            raise type(seen[1])(str(seen[1]))
+
     def _note_access(self, stream: Stream | None, offset: int, end: int) -> tuple[bool, bool]:
         """Is this read sequential (grow read-ahead), or a jump within an open file?"""
         if stream is None:
             return False, False
         near = stream.next_offset >= 0 and abs(offset - stream.next_offset) <= 2 * self.block_size
         jump = stream.next_offset >= 0 and not near
+        if jump:
+            stream.jumps += 1
         if near:
             stream.next_offset = max(stream.next_offset, end)
         else:
@@ -315,10 +378,25 @@ class ArtifactStore:
         return found, waits, missing
 
     async def _wait(
-        self, found: dict[int, bytes], waits: dict[int, _Pending], first: int, last: int
+        self,
+        call_id: str,
+        kind: str,
+        version: Version,
+        found: dict[int, bytes],
+        waits: dict[int, _Pending],
+        first: int,
+        last: int,
     ) -> list[bytes]:
         for index, pending in waits.items():
             await pending.event.wait()
+            while isinstance(pending.error, _Abandoned):
+                # Its reader closed the file; this one still wants the block.
+                key = (call_id, kind, version.token(), index)
+                pending = (
+                    self._inflight.get(key)
+                    or self._start_fetches(call_id, kind, version, [index])[index]
+                )
+                await pending.event.wait()
             if pending.error is not None:
                 raise pending.error
             assert pending.data is not None
@@ -390,6 +468,9 @@ class ArtifactStore:
         error: BaseException | None = None
         try:
             await self.fetcher.fetch(call_id, kind, first, count, version, sink)
+        except trio.Cancelled:
+            error = _Abandoned(f"{call_id}/{kind}: download abandoned")
+            raise
         except VapifsError as exc:
             error = exc
         except Exception as exc:  # a bug must not leave readers waiting forever
@@ -427,6 +508,54 @@ class ArtifactStore:
             await trio.to_thread.run_sync(self.cache.put, call_id, kind, version, index, data)
 
     # -- read-ahead ----------------------------------------------------------------------
+
+    def _maybe_fill(self, call_id: str, kind: str, version: Version, stream: Stream) -> None:
+        if (
+            stream.fill is None
+            and stream.jumps >= FILL_AFTER_JUMPS
+            and stream.seek_seconds >= FILL_MIN_SEEK_SECONDS
+            and version.size <= FILL_MAX_BYTES
+        ):
+            stream.fill = trio.CancelScope()
+            self._nursery.start_soon(self._fill, call_id, kind, version, stream.fill)
+
+    async def _fill(
+        self, call_id: str, kind: str, version: Version, scope: trio.CancelScope
+    ) -> None:
+        """Fetch every block nobody has yet, a few runs at a time, until done or cancelled."""
+        token = version.token()
+        last_block = (version.size - 1) // self.block_size
+        limiter = trio.CapacityLimiter(FILL_PARALLEL)
+
+        async def run(first: int, count: int, pendings: dict[int, _Pending], slot: object) -> None:
+            try:
+                await self._fetch_run(call_id, kind, version, first, count, pendings)
+            finally:
+                limiter.release_on_behalf_of(slot)
+
+        with scope:
+            async with trio.open_nursery() as nursery:
+                index = 0
+                while index <= last_block:
+                    # A free slot first, then the choice of blocks: readers never wait on
+                    # blocks the fill has claimed but not started.
+                    slot = object()
+                    await limiter.acquire_on_behalf_of(slot)
+                    wanted: list[int] = []
+                    while index <= last_block and len(wanted) < MAX_RUN_BLOCKS:
+                        key = (call_id, kind, token, index)
+                        present = key in self._memory or key in self._inflight
+                        if present or self.cache.has(call_id, kind, version, index):
+                            if wanted:
+                                break
+                        else:
+                            wanted.append(index)
+                        index += 1
+                    if not wanted:
+                        limiter.release_on_behalf_of(slot)
+                        continue
+                    pendings = self._register(call_id, kind, version, wanted)
+                    nursery.start_soon(run, wanted[0], len(wanted), pendings, slot)
 
     def _read_ahead(
         self, call_id: str, kind: str, version: Version, end: int, stream: Stream

@@ -1,0 +1,131 @@
+"""How reads reach the network: read-ahead for streams, exact ranges for seeks, background fill."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import pytest
+
+from vapifs.demo.server import FakeVapi
+
+from .conftest import MountFactory
+
+pytestmark = pytest.mark.mount
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+def big_call(fake: FakeVapi) -> tuple[str, bytes]:
+    return max(
+        ((c, fc.artifacts["stereo"]) for c, fc in fake.calls.items() if "stereo" in fc.artifacts),
+        key=lambda item: len(item[1]),
+    )
+
+
+def test_a_sequential_read_goes_out_as_few_large_requests(mount_factory: MountFactory) -> None:
+    with FakeVapi(seed=11, big_stereo_mb=48) as fake:
+        m = mount_factory(server=fake, name="seq")
+        call_id, data = big_call(fake)
+        fake.reset_counters()
+        assert (m.calls / call_id / "stereo.wav").read_bytes() == data
+        gets = fake.counters()[f"storage.get:{call_id}/stereo"]
+        # 48 MB in runs of up to 8 MiB: a handful of requests, not one per block.
+        assert gets <= len(data) // (4 * MIB) + 4, gets
+        m.stop()
+
+
+def test_on_a_fast_link_seeks_never_start_a_background_fill(
+    mount_factory: MountFactory,
+) -> None:
+    with FakeVapi(seed=15, big_stereo_mb=48) as fake:
+        m = mount_factory(server=fake, name="fast")
+        call_id, data = big_call(fake)
+        rng = random.Random(8)
+        with open(m.calls / call_id / "stereo.wav", "rb", buffering=0) as f:
+            assert f.read(4 * KIB) == data[: 4 * KIB]
+            fake.reset_counters()
+            for _ in range(12):
+                offset = rng.randrange(0, len(data) - 64 * KIB)
+                f.seek(offset)
+                assert f.read(64 * KIB) == data[offset : offset + 64 * KIB]
+            time.sleep(0.5)
+        assert fake.counters()["storage.bytes"] < 12 * 512 * KIB
+        m.stop()
+
+
+def test_seeks_fetch_only_what_they_read(mount_factory: MountFactory) -> None:
+    with FakeVapi(seed=12, big_stereo_mb=48) as fake:
+        m = mount_factory(server=fake, name="seek")
+        call_id, data = big_call(fake)
+        rng = random.Random(5)
+        with open(m.calls / call_id / "stereo.wav", "rb", buffering=0) as f:
+            assert f.read(4 * KIB) == data[: 4 * KIB]
+            fake.reset_counters()
+            for _ in range(3):  # fewer seeks than start a background fill
+                offset = rng.randrange(8 * MIB, len(data) - 64 * KIB)
+                f.seek(offset)
+                assert f.read(64 * KIB) == data[offset : offset + 64 * KIB]
+            sent = fake.counters()["storage.bytes"]
+        # The kernel may round each read up a little; whole 1 MiB blocks would be 3 MiB.
+        assert sent < 3 * 512 * KIB, sent
+        m.stop()
+
+
+def test_scrubbing_fetches_the_whole_file_in_the_background(
+    mount_factory: MountFactory,
+) -> None:
+    with FakeVapi(seed=13, big_stereo_mb=24) as fake:
+        # Every storage answer 30 ms late: a link where each seek costs a round trip.
+        fake.set_knobs(stall_rate=1.0, stall_seconds=0.03)
+        m = mount_factory(server=fake, name="scrub")
+        call_id, data = big_call(fake)
+        rng = random.Random(6)
+        path = m.calls / call_id / "stereo.wav"
+        with open(path, "rb", buffering=0) as f:
+            assert f.read(4 * KIB) == data[: 4 * KIB]
+            for _ in range(8):
+                offset = rng.randrange(0, len(data) - 64 * KIB)
+                f.seek(offset)
+                assert f.read(64 * KIB) == data[offset : offset + 64 * KIB]
+            deadline = time.monotonic() + 20
+            while fake.counters()["storage.bytes"] < len(data) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert fake.counters()["storage.bytes"] >= len(data)
+        m.stop()
+        # Everything is on disk now: another mount reads the file with the network gone.
+        fake.set_knobs(stall_rate=0.0)
+        fake.pause()
+        m2 = mount_factory(server=fake, name="scrub")
+        with open(m2.calls / call_id / "stereo.wav", "rb") as f:
+            for _ in range(20):
+                offset = rng.randrange(0, len(data) - 64 * KIB)
+                f.seek(offset)
+                assert f.read(64 * KIB) == data[offset : offset + 64 * KIB]
+        fake.resume()
+        m2.stop()
+
+
+def test_closing_the_file_stops_the_background_fill(mount_factory: MountFactory) -> None:
+    with FakeVapi(seed=14, big_stereo_mb=200) as fake:
+        m = mount_factory(server=fake, name="abandon")
+        call_id, data = big_call(fake)
+        fake.set_knobs(stall_rate=1.0, stall_seconds=0.03)
+        rng = random.Random(7)
+        fd = os.open(m.calls / call_id / "stereo.wav", os.O_RDONLY)
+        try:
+            os.pread(fd, 4 * KIB, 0)
+            for _ in range(6):
+                offset = rng.randrange(0, len(data) - 64 * KIB)
+                assert os.pread(fd, 64 * KIB, offset) == data[offset : offset + 64 * KIB]
+        finally:
+            os.close(fd)
+        time.sleep(1.0)
+        sent = fake.counters()["storage.bytes"]
+        time.sleep(1.0)
+        # Nothing more comes once the reader is gone (200 MB would take a few seconds).
+        assert fake.counters()["storage.bytes"] - sent < 32 * MIB
+        assert fake.counters()["storage.bytes"] < len(data)
+        m.stop()

@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -23,6 +24,9 @@ log = logging.getLogger("vapifs.fs")
 T = TypeVar("T")
 
 IMMUTABLE_TIMEOUT = 3600.0
+# The same failure of the same file is logged once per this many seconds: one failed `cat`
+# is several FUSE reads (the kernel's read-ahead, then its retry), not several problems.
+LOG_REPEAT = 10.0
 MUTABLE_TIMEOUT = 1.0
 _STATS_NAME = STATS_XATTR.encode()
 
@@ -50,6 +54,7 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._dirs: dict[int, tuple[int, list[Node] | None]] = {}  # fh -> (inode, listing)
         self._next_fh = 1
+        self._logged: dict[str, float] = {}  # failure line -> when it was last logged
         self.open_files = 0
         # The mount's live figures as JSON, served as an xattr of the root (`vapifs stats`).
         self.stats_source: Callable[[], bytes] | None = None
@@ -62,11 +67,21 @@ class Operations(pyfuse3.Operations):
             raise
         except VapifsError as exc:
             if exc.errno != errno.ENOENT:
-                log.warning("%s: %s", what, describe(exc))
+                self._log_failure(f"{what}: {describe(exc)}")
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:
             log.exception("%s: unexpected error", what)
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _log_failure(self, line: str) -> None:
+        now = time.monotonic()
+        if now - self._logged.get(line, -LOG_REPEAT) < LOG_REPEAT:
+            log.debug("%s (again)", line)
+            return
+        if len(self._logged) > 1000:
+            self._logged = {k: t for k, t in self._logged.items() if now - t < LOG_REPEAT}
+        self._logged[line] = now
+        log.warning("%s", line)
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -176,7 +191,9 @@ class Operations(pyfuse3.Operations):
         )
 
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.stream.close()
         self.open_files = len(self._handles)
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:

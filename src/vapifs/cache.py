@@ -17,7 +17,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from .crypto import CacheKeyError, Cipher, default_key_file, load_key
 
 log = logging.getLogger("vapifs.cache")
 
@@ -29,6 +31,16 @@ _PREFIX = struct.Struct(">I")
 _DATA_OFFSET = len(MAGIC) + _PREFIX.size
 # A header is a few hundred bytes; anything far larger is damage, not a header.
 _MAX_HEADER = 64 * 1024
+
+# An encrypted cache's block and metadata files: ENC_MAGIC, then a sealed blob whose
+# plaintext is what the unencrypted cache would have written (header included), and whose
+# associated data is the file's identity, so that a blob moved to another name never opens.
+ENC_MAGIC = b"VAPIFSE1"
+# Present in an encrypted cache's root: a constant sealed with its key, to refuse another key
+# before mounting rather than drop every block one by one.
+KEYCHECK_NAME = "keycheck"
+_KEYCHECK_PLAINTEXT = b"vapifs cache key check v1"
+_KEYCHECK_AD = b"vapifs keycheck"
 
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
@@ -243,6 +255,10 @@ class BlockCache:
     is always whole as far as this process is concerned. Without fsync (the default, for
     speed) a power loss may still leave a renamed file whose data never reached the disk;
     such a block fails its header or crc32 check and is dropped on get, never served.
+
+    With a cipher, every block file is sealed (see ENC_MAGIC), and one that does not
+    authenticate is dropped like any damaged block. Sealing and opening happen in get and
+    put, that is in the worker threads that do the file I/O.
     """
 
     def __init__(
@@ -251,6 +267,7 @@ class BlockCache:
         max_bytes: int,
         block_size: int = DEFAULT_BLOCK_SIZE,
         fsync: bool = False,
+        cipher: Cipher | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError("block_size must be positive")
@@ -260,6 +277,7 @@ class BlockCache:
         self.max_bytes = max_bytes
         self.block_size = block_size
         self.fsync = fsync
+        self.cipher = cipher
         self._blocks_dir = self.root / "blocks"
         self._tmp_dir = self.root / "tmp"
         self._lock = threading.Lock()
@@ -285,6 +303,14 @@ class BlockCache:
 
     def _key(self, call_id: str, kind: str, version: Version, index: int) -> _Key:
         return (_artifact_hash(call_id, kind), version.token(), index)
+
+    def _unseal(self, key: _Key, buf: bytes) -> bytes | None:
+        """The plain block file inside buf (buf itself without a cipher); None if damaged."""
+        if self.cipher is None:
+            return buf
+        if not buf.startswith(ENC_MAGIC):
+            return None
+        return self.cipher.open(memoryview(buf)[len(ENC_MAGIC) :], _block_ad(key))
 
     def _scan(self) -> Iterator[tuple[_Key, Path, os.stat_result]]:
         """Every block file on disk, whoever wrote it. Vanishing files are skipped."""
@@ -401,7 +427,8 @@ class BlockCache:
                 self.misses += 1
             return None
 
-        data = self._check(buf, call_id, kind, version, index, length)
+        plain = self._unseal(key, buf)
+        data = None if plain is None else self._check(plain, call_id, kind, version, index, length)
         if data is None:
             with self._lock:
                 try:
@@ -471,7 +498,10 @@ class BlockCache:
             separators=(",", ":"),
         ).encode()
         prefix = MAGIC + _PREFIX.pack(len(header)) + header
-        total = len(prefix) + length
+        parts: tuple[bytes, ...] = (prefix, data)
+        if self.cipher is not None:
+            parts = (ENC_MAGIC, self.cipher.seal(prefix + data, _block_ad(key)))
+        total = sum(map(len, parts))
         if total > self.max_bytes:
             return False
 
@@ -484,7 +514,7 @@ class BlockCache:
         error: OSError | None = None
         written = False
         try:
-            _write_atomic(self._tmp_dir, self._path(key), (prefix, data), self.fsync)
+            _write_atomic(self._tmp_dir, self._path(key), parts, self.fsync)
             written = True
         except OSError as e:
             error = e
@@ -625,7 +655,8 @@ class BlockCache:
         return VerifyReport(checked=checked, bad=bad, bad_bytes=bad_bytes)
 
     def _consistent(self, key: _Key, buf: bytes) -> bool:
-        parsed = _parse_block(buf)
+        plain = self._unseal(key, buf)
+        parsed = None if plain is None else _parse_block(plain)
         if parsed is None:
             return False
         header, data = parsed
@@ -660,6 +691,12 @@ class BlockCache:
         )
 
 
+def _block_ad(key: _Key) -> bytes:
+    # The artifact hash stands for call id + kind: a file's name is all verify knows of it.
+    h, token, index = key
+    return f"vapifs block {h} {token} {index}".encode()
+
+
 def _parse_block(buf: bytes) -> tuple[dict[str, Any], memoryview] | None:
     """Header and data of a block file whose magic, header and crc32 are sound."""
     if len(buf) < _DATA_OFFSET or not buf.startswith(MAGIC):
@@ -683,11 +720,20 @@ def _parse_block(buf: bytes) -> tuple[dict[str, Any], memoryview] | None:
     return header, data
 
 
-class MetaStore:
-    """Small JSON documents (artifact versions, call objects, listings) keyed by namespace."""
+def _meta_ad(ns: str, key_hash: str) -> bytes:
+    return f"vapifs meta {ns} {key_hash}".encode()
 
-    def __init__(self, root: Path) -> None:
+
+class MetaStore:
+    """Small JSON documents (artifact versions, call objects, listings) keyed by namespace.
+
+    With a cipher, every document file is sealed (see ENC_MAGIC); one that does not
+    authenticate is deleted, with a warning, and its document is found again at its source.
+    """
+
+    def __init__(self, root: Path, cipher: Cipher | None = None) -> None:
         self.root = Path(root)
+        self.cipher = cipher
         self._meta_dir = self.root / "meta"
         self._tmp_dir = self.root / "tmp"
 
@@ -699,8 +745,7 @@ class MetaStore:
     def _path(self, ns: str, key: str) -> Path:
         return self._ns_dir(ns) / f"{_key_hash(key)}.json"
 
-    @staticmethod
-    def _load(path: Path) -> tuple[str, dict[str, Any]] | None:
+    def _load(self, path: Path) -> tuple[str, dict[str, Any]] | None:
         """(key, doc) of a document file; None when absent; a corrupt file is deleted."""
         try:
             raw, ino = _read_file(path)
@@ -709,6 +754,19 @@ class MetaStore:
         except OSError as e:
             log.debug("cache: cannot read %s: %s", path, e)
             return None
+        if self.cipher is not None:
+            ad = _meta_ad(path.parent.name, path.stem)
+            plain = None
+            if raw.startswith(ENC_MAGIC):
+                plain = self.cipher.open(memoryview(raw)[len(ENC_MAGIC) :], ad)
+            if plain is None:
+                log.warning(
+                    "cache: dropped a damaged %s document; fetching it again", path.parent.name
+                )
+                with contextlib.suppress(OSError):
+                    _unlink_if_same(path, ino)
+                return None
+            raw = plain
         try:
             wrapper = json.loads(raw)
         except ValueError:
@@ -734,9 +792,12 @@ class MetaStore:
     def put(self, ns: str, key: str, doc: dict[str, Any]) -> bool:
         path = self._path(ns, key)
         body = json.dumps({"key": key, "doc": doc}, separators=(",", ":")).encode()
+        parts: tuple[bytes, ...] = (body,)
+        if self.cipher is not None:
+            parts = (ENC_MAGIC, self.cipher.seal(body, _meta_ad(ns, path.stem)))
         try:
             _ensure_dir(path.parent)
-            _write_atomic(self._tmp_dir, path, (body,), fsync=False)
+            _write_atomic(self._tmp_dir, path, parts, fsync=False)
         except OSError as e:
             _write_failed(self.root, e)
             return False
@@ -780,3 +841,96 @@ class MetaStore:
                 os.rmdir(ns.path)
             except OSError:
                 continue
+
+
+# -- encryption at rest ------------------------------------------------------------------------
+
+CacheFormat = Literal["empty", "plain", "encrypted"]
+
+
+def stored_format(root: Path) -> CacheFormat:
+    """How the cache in root was written: told by its key check, else by one data file."""
+    if (root / KEYCHECK_NAME).exists():
+        return "encrypted"
+    for pattern in ("blocks/*/*/*.blk", "meta/*/*.json"):
+        for path in root.glob(pattern):
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(len(ENC_MAGIC))
+            except OSError:
+                continue
+            return "encrypted" if head == ENC_MAGIC else "plain"
+    return "empty"
+
+
+def cache_cipher(root: Path, encrypt: bool, key_file: Path | None = None) -> Cipher | None:
+    """The cipher for the cache in root (None: unencrypted), once it is sure that the cache
+    was written that way and, when encrypted, with this key: a cache is never a mix.
+
+    The key file is created (with a random key) only for a cache that holds nothing yet.
+    Raises CacheKeyError with a one-line reason.
+    """
+    found = stored_format(root)
+    if not encrypt:
+        if found == "encrypted":
+            raise CacheKeyError(
+                f"the cache in {root} is encrypted: use --encrypt-cache (with its "
+                "--cache-key-file), or another --cache-dir"
+            )
+        return None
+    if found == "plain":
+        raise CacheKeyError(
+            f"the cache in {root} is not encrypted: clear it first "
+            f"(vapifs cache clear --cache-dir {root}) or use another --cache-dir"
+        )
+    path = key_file or default_key_file()
+    if found == "encrypted" and not path.exists():
+        raise CacheKeyError(
+            f"the cache in {root} was encrypted with another key ({path} does not exist): "
+            f"give its --cache-key-file, or start afresh with vapifs cache clear --cache-dir {root}"
+        )
+    cipher = Cipher(load_key(path, create=found == "empty"))
+    if _keycheck(root, cipher) != _KEYCHECK_PLAINTEXT:
+        raise CacheKeyError(
+            f"the cache in {root} was encrypted with another key than {path}: give its "
+            f"--cache-key-file, or start afresh with vapifs cache clear --cache-dir {root}"
+        )
+    return cipher
+
+
+def _keycheck(root: Path, cipher: Cipher) -> bytes | None:
+    """What the key check of root opens to with cipher; a new cache gets one made with it."""
+    path = root / KEYCHECK_NAME
+    try:
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            _ensure_dir(root)
+            blob = ENC_MAGIC + cipher.seal(_KEYCHECK_PLAINTEXT, _KEYCHECK_AD)
+            tmp = root / f".{KEYCHECK_NAME}.{os.getpid()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, _FILE_MODE)
+            try:
+                try:
+                    _write_all(fd, blob)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                # link() never replaces: when another process marked the cache first, its
+                # key check is the one that counts.
+                os.link(tmp, path)
+            except FileExistsError:
+                blob = path.read_bytes()
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+    except OSError as e:
+        raise CacheKeyError(f"cannot use the cache in {root}: {_strerror(e)}") from None
+    if not blob.startswith(ENC_MAGIC):
+        return None
+    return cipher.open(memoryview(blob)[len(ENC_MAGIC) :], _KEYCHECK_AD)
+
+
+def forget_encryption(root: Path) -> None:
+    """After a clear: the next user of root may choose anew (no key, or another key)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(root / KEYCHECK_NAME)

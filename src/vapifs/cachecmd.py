@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cache import BlockCache, MetaStore
+from .cache import BlockCache, MetaStore, cache_cipher, forget_encryption, stored_format
 
 
 def _human(n: float) -> str:
@@ -41,16 +41,22 @@ def running_mounts(cache_dir: Path) -> list[dict[str, Any]]:
     return found
 
 
-def run_cache_command(action: str, cache_dir: Path) -> int:
+def run_cache_command(action: str, cache_dir: Path, key_file: Path | None = None) -> int:
+    """stats and clear need no key, even for an encrypted cache; verify needs its key."""
     cache_dir = cache_dir.expanduser()
     if not cache_dir.exists():
         print(f"{cache_dir}: no cache here yet")
         return 0
-    cache = BlockCache(cache_dir, max_bytes=1 << 62)
+    encrypted = stored_format(cache_dir) == "encrypted"
+    cipher = None
+    if action == "verify" and encrypted:
+        cipher = cache_cipher(cache_dir, True, key_file)
+    cache = BlockCache(cache_dir, max_bytes=1 << 62, cipher=cipher)
     cache.open()
     if action == "stats":
         s = cache.stats()
         print(f"cache dir:   {cache_dir}")
+        print(f"encrypted:   {'yes' if encrypted else 'no'}")
         print(f"bytes:       {s.bytes} ({_human(s.bytes)})")
         print(f"blocks:      {s.blocks}")
         print(f"artifacts:   {s.artifacts}")
@@ -83,6 +89,9 @@ def run_cache_command(action: str, cache_dir: Path) -> int:
         dropped = cache.clear()
         MetaStore(cache_dir).clear()
         mounts = running_mounts(cache_dir)
+        if not mounts:
+            # Running mounts keep writing with their key: the cache stays theirs until they stop.
+            forget_encryption(cache_dir)
         note = f" ({len(mounts)} running mount(s) will fetch again as needed)" if mounts else ""
         print(f"cleared {dropped} blocks from {cache_dir}{note}")
         return 0

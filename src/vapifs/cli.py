@@ -10,10 +10,12 @@ import sys
 import time
 from datetime import datetime, tzinfo
 from pathlib import Path
+from typing import NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import __version__
 from .api import DEFAULT_API_URL
+from .config import command_names
 
 EXAMPLES = """\
 examples:
@@ -25,6 +27,7 @@ examples:
   ls ~/vapi/by-date/2026-11-20/              # one day's calls (by-assistant/<id>/ likewise)
   vapifs mount ~/vapi --since 2026-11-01 --until 2026-11-08 --assistant <assistant-id>
   vapifs umount ~/vapi
+  vapifs mount --print-config ~/vapi         # options from flags, VAPIFS_*, config.toml
   vapifs demo                                # try it with the embedded fake Vapi: no key needed
   vapifs cache stats                         # what the on-disk cache holds
   vapifs stats ~/vapi                        # a running mount's requests, bytes, hit ratio
@@ -63,7 +66,10 @@ def parse_when(text: str, zone: tzinfo, now: float) -> tuple[float | None, float
     """
     text = text.strip()
     if _DAY.match(text):
-        moment = datetime.fromisoformat(text)
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError as exc:
+            raise UsageError(f"not a date: {text!r} ({exc})") from None
     else:
         match = _DURATION.match(text)
         if not match or not match.group(2):
@@ -88,35 +94,57 @@ class UsageError(Exception):
     """Bad options or unusable inputs: one line, exit status 2."""
 
 
+_KEY = re.compile(r"^[\x21-\x7e]+$")  # what an HTTP header carries: printable ASCII, no space
+
+
 def read_key(key_file: Path | None) -> str:
     """The private key from --api-key-file (mode 0600 or stricter) or VAPI_PRIVATE_API_KEY."""
     if key_file is not None:
         try:
-            fd = os.open(key_file, os.O_RDONLY)
+            # O_NONBLOCK: a FIFO or a device given by mistake must not hang the command.
+            fd = os.open(key_file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as exc:
             raise UsageError(f"cannot read --api-key-file {key_file}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
+        try:
+            mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
                 raise UsageError(f"--api-key-file {key_file} is not a regular file")
             if mode & 0o077:
                 raise UsageError(
                     f"--api-key-file {key_file} is readable by others: run chmod 600 {key_file}"
                 )
-            key = f.read(4096).decode("utf-8", "replace").strip()
+            try:
+                raw = os.read(fd, 4096)
+            except OSError as exc:
+                raise UsageError(f"cannot read --api-key-file {key_file}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        key = raw.decode("utf-8", "replace").strip()
+        where = f"--api-key-file {key_file}"
         if not key:
-            raise UsageError(f"--api-key-file {key_file} is empty")
-        return key
-    key = os.environ.get("VAPI_PRIVATE_API_KEY", "").strip()
-    if not key:
-        raise UsageError(
-            "no API key: set VAPI_PRIVATE_API_KEY or pass --api-key-file FILE (mode 600)"
-        )
+            raise UsageError(f"{where} is empty")
+    else:
+        key = os.environ.get("VAPI_PRIVATE_API_KEY", "").strip()
+        where = "VAPI_PRIVATE_API_KEY"
+        if not key:
+            raise UsageError(
+                "no API key: set VAPI_PRIVATE_API_KEY or pass --api-key-file FILE (mode 600)"
+            )
+    if not _KEY.match(key):
+        # Never echo it: say what is wrong, not what it is.
+        raise UsageError(f"{where} does not hold one key (spaces, several lines or odd characters)")
     return key
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"vapifs: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vapifs",
         description="Vapi call recordings and logs as a read-only file system.",
         epilog=EXAMPLES,
@@ -136,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     m.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="read options from FILE (default: $XDG_CONFIG_HOME/vapifs/config.toml = "
+        "~/.config/vapifs/config.toml, if present); keys are the long options, e.g. "
+        'cache-size = "20G"; flags beat VAPIFS_<OPTION> variables, which beat the file',
+    )
+    m.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the options in effect and where each comes from, then exit",
+    )
+    m.add_argument(
         "--api-url",
         default=os.environ.get("VAPI_API_URL", DEFAULT_API_URL),
         metavar="URL",
@@ -145,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-file", type=Path, metavar="FILE", help="read the key from FILE (mode 600)"
     )
     add_cache_dir(m)
+    add_cache_encryption(m)
     m.add_argument(
         "--cache-size",
         type=parse_size,
@@ -253,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("action", choices=["stats", "verify", "clear"])
     add_cache_dir(c)
+    c.add_argument(
+        "--cache-key-file",
+        type=Path,
+        metavar="FILE",
+        help="the key of an encrypted cache, for verify (default: $XDG_CONFIG_HOME/vapifs/"
+        "cache.key)",
+    )
 
     st = sub.add_parser(
         "stats",
@@ -305,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-file", type=Path, metavar="FILE", help="read the key from FILE (mode 600)"
     )
     add_cache_dir(pf)
+    add_cache_encryption(pf)
     pf.add_argument(
         "--cache-size",
         type=parse_size,
@@ -327,15 +377,39 @@ def add_cache_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_cache_encryption(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--encrypt-cache",
+        action="store_true",
+        help="encrypt cached blocks and metadata (AES-256-GCM) with the key in --cache-key-file",
+    )
+    parser.add_argument(
+        "--cache-key-file",
+        type=Path,
+        metavar="FILE",
+        help="the cache key, mode 600, made on first use (default: $XDG_CONFIG_HOME/vapifs/"
+        "cache.key = ~/.config/vapifs/cache.key)",
+    )
+
+
+def cache_key_file(args: argparse.Namespace) -> Path | None:
+    if args.cache_key_file is not None and not args.encrypt_cache:
+        raise UsageError("--cache-key-file goes with --encrypt-cache")
+    return args.cache_key_file.expanduser().absolute() if args.cache_key_file else None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in command_names(parser):
+        return mount_helper(argv, parser)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     try:
         if args.command == "mount":
-            return cmd_mount(args)
+            return cmd_mount_configured(args, argv, parser)
         if args.command == "umount":
             from .mount import run_umount
 
@@ -347,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cache":
             from .cachecmd import run_cache_command
 
-            return run_cache_command(args.action, args.cache_dir)
+            key_file = args.cache_key_file.expanduser() if args.cache_key_file else None
+            return run_cache_command(args.action, args.cache_dir, key_file)
         if args.command == "stats":
             from .stats import run_stats
 
@@ -360,9 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        from .crypto import CacheKeyError
         from .mount import MountError
 
-        if isinstance(exc, MountError):
+        if isinstance(exc, (MountError, CacheKeyError)):
             print(f"vapifs: {exc}", file=sys.stderr)
             return 1
         raise
@@ -370,10 +446,76 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def mount_helper(argv: list[str], parser: argparse.ArgumentParser) -> int:
+    """`vapifs SOURCE MOUNTPOINT -o OPTIONS`: what mount.fuse3 runs for mount -t fuse.vapifs
+    and fstab. Mounts in the background; 0 once the mount answers, else 1 and one line."""
+    from .config import ConfigError, helper_argv, subparser
+
+    try:
+        translated = helper_argv(argv, subparser(parser, "mount"))
+    except ConfigError as exc:
+        print(f"vapifs: {exc}", file=sys.stderr)
+        return 1
+    if translated is None:
+        parser.parse_args(argv)  # not that form either: argparse says what is wrong
+        return 2
+    # mount(8) clears HOME and mount.fuse3 sets /root: a user's mount reads its own config.
+    if not os.environ.get("HOME") or (os.getuid() != 0 and os.environ["HOME"] == "/root"):
+        import pwd
+
+        os.environ["HOME"] = pwd.getpwuid(os.getuid()).pw_dir
+    # mount(8) waits for its helper: the daemon, whatever the config file says.
+    if "--foreground" not in translated:
+        os.environ["VAPIFS_FOREGROUND"] = "0"
+    try:
+        code = main(translated)
+    except SystemExit as exc:
+        code = 1 if exc.code else 0
+    return 0 if code == 0 else 1
+
+
+def cmd_mount_configured(
+    args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser
+) -> int:
+    """cmd_mount after VAPIFS_* variables and the config file filled what flags left unset."""
+    from .config import ConfigError, blame, default_config_file, print_config, resolve, subparser
+
+    # Which options were given: parse again with no defaults, so that only flags remain.
+    bare = build_parser()
+    for action in subparser(bare, "mount")._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(bare.parse_args(argv))
+    variable = os.environ.get("VAPIFS_CONFIG", "").strip()
+    explicit = args.config is not None or bool(variable)
+    path = (args.config or Path(variable or default_config_file())).expanduser()
+    try:
+        settings = resolve(args, subparser(parser, "mount"), given, os.environ, path, explicit)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if args.print_config:
+        if args.api_key_file is not None:
+            where = f"read from the file named by api-key-file ({args.api_key_file})"
+        elif os.environ.get("VAPI_PRIVATE_API_KEY", "").strip():
+            where = "from VAPI_PRIVATE_API_KEY (set)"
+        else:
+            where = "none yet: set VAPI_PRIVATE_API_KEY or api-key-file"
+        print_config(args, settings, path, path.is_file(), where, sys.stdout)
+        return 0
+    try:
+        return cmd_mount(args)
+    except UsageError as exc:
+        raise UsageError(blame(str(exc), settings)) from None
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .mount import MountOptions, run_mount
+    from .mount import MountError, MountOptions, fuse_options, run_mount
 
     key = read_key(args.api_key_file)
+    for option in ("read_timeout", "stall_timeout"):
+        if getattr(args, option) <= 0:
+            raise UsageError(f"--{option.replace('_', '-')} must be longer than 0s")
+    if args.days is not None and args.days <= 0:
+        raise UsageError("--days must be more than 0")
     if not re.match(r"^https?://[^\s/]+", args.api_url):
         raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
     if args.cache_size < (1 << 20):
@@ -417,7 +559,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
         timezone=args.timezone,
         read_timeout=args.read_timeout,
         stall_timeout=args.stall_timeout,
+        encrypt_cache=args.encrypt_cache,
+        cache_key_file=cache_key_file(args),
     )
+    try:
+        fuse_options(opts)  # a bad -o value is a usage error, found before anything starts
+    except MountError as exc:
+        raise UsageError(str(exc)) from None
     return run_mount(opts)
 
 
@@ -449,6 +597,8 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         api_url=args.api_url,
         key=lambda: read_key(args.api_key_file),
         progress=sys.stderr.isatty(),
+        encrypt_cache=args.encrypt_cache,
+        cache_key_file=cache_key_file(args),
     )
     return run_prefetch(opts, as_json=args.json)
 

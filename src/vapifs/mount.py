@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -23,7 +25,8 @@ import trio
 
 from . import __version__
 from .api import VapiClient, describe
-from .cache import BlockCache, MetaStore
+from .cache import BlockCache, MetaStore, cache_cipher
+from .crypto import CacheKeyError, Cipher
 from .errors import KeyRejected, VapifsError
 from .fetch import Fetcher
 from .fs import Operations
@@ -32,6 +35,7 @@ from .reader import ArtifactStore
 from .redact import REDACTOR, RedactingFilter
 from .resolver import Resolver
 from .retry import RetryPolicy
+from .sdnotify import notify as sd_notify
 from .stats import Sources, snapshot
 from .stats import encode as encode_stats
 from .tree import Tree
@@ -64,6 +68,8 @@ class MountOptions:
     read_timeout: float = 30.0
     stall_timeout: float = 10.0
     connect_timeout: float = 5.0
+    encrypt_cache: bool = False
+    cache_key_file: Path | None = None  # None: crypto.default_key_file()
 
 
 def default_cache_dir() -> Path:
@@ -76,6 +82,9 @@ def setup_logging(debug: bool, log_file: Path | None, to_stderr: bool) -> None:
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)  # call ids and errors are nobody else's business
         handlers.append(logging.StreamHandler(os.fdopen(fd, "a", buffering=1)))
     if to_stderr:
         handlers.append(logging.StreamHandler(sys.stderr))
@@ -143,10 +152,19 @@ def fuse_options(opts: MountOptions) -> tuple[set[str], Ownership]:
     return options, Ownership(uid, gid, umask)
 
 
+PR_SET_DUMPABLE = 4
+
+
 def _harden_process() -> None:
-    """Secrets live in our memory: never let them into a core dump."""
+    """Secrets live in our memory: keep them out of core dumps, ptrace and child processes."""
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Not dumpable: no core even if a limit is raised again, no ptrace or /proc/<pid>/mem,
+    # environ or fd by other processes of the same user (root can still look).
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    # The key is in opts now; programs we start (fusermount3, umount) need not inherit it.
+    os.environ.pop("VAPI_PRIVATE_API_KEY", None)
 
 
 class _Notifier:
@@ -174,7 +192,7 @@ def _write_runtime(path: Path, payload: dict[str, object]) -> None:
     os.replace(tmp, path)
 
 
-async def _serve(opts: MountOptions, notifier: _Notifier) -> int:
+async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None = None) -> int:
     timeout = httpx.Timeout(
         connect=opts.connect_timeout, read=opts.stall_timeout, write=10.0, pool=opts.read_timeout
     )
@@ -194,8 +212,8 @@ async def _serve(opts: MountOptions, notifier: _Notifier) -> int:
                 describe(exc),
             )
         opts.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cache = BlockCache(opts.cache_dir, opts.cache_size)
-        meta = MetaStore(opts.cache_dir)
+        cache = BlockCache(opts.cache_dir, opts.cache_size, cipher=cipher)
+        meta = MetaStore(opts.cache_dir, cipher=cipher)
         await trio.to_thread.run_sync(cache.open)
         async with trio.open_nursery() as nursery:
             resolver = Resolver(api)
@@ -222,7 +240,14 @@ async def _serve(opts: MountOptions, notifier: _Notifier) -> int:
                 gz=GzipViews(meta, nursery=nursery),
             )
             kernel_options, owner = fuse_options(opts)
-            ops = Operations(tree, uid=owner.uid, gid=owner.gid, umask=owner.umask)
+            ops = Operations(
+                tree,
+                uid=owner.uid,
+                gid=owner.gid,
+                umask=owner.umask,
+                # A little past --read-timeout, so that the read's own bound speaks first.
+                deadline=opts.read_timeout + 2.0,
+            )
             tree.on_invalidate = _invalidator(nursery)
             sources = Sources(
                 api=api,
@@ -236,21 +261,26 @@ async def _serve(opts: MountOptions, notifier: _Notifier) -> int:
                 cache_dir=str(opts.cache_dir),
             )
             ops.stats_source = lambda: encode_stats(snapshot(sources))
-            try:
-                pyfuse3.init(ops, str(opts.mountpoint), kernel_options)
-            except RuntimeError as exc:
-                notifier.send(f"cannot mount {opts.mountpoint}: {exc}")
-                nursery.cancel_scope.cancel()
-                return 1
+            # Everything that can fail comes before init: after it, only main's finally
+            # unmounts, and a mountpoint must never be left half-mounted.
             runtime = opts.cache_dir / "run"
             runtime.mkdir(exist_ok=True, mode=0o700)
             stats_path = runtime / f"{os.getpid()}.json"
+            try:
+                pyfuse3.init(ops, str(opts.mountpoint), kernel_options)
+            except RuntimeError as exc:
+                hint = f" (check -o {','.join(opts.fuse_options)})" if opts.fuse_options else ""
+                notifier.send(f"cannot mount {opts.mountpoint}: {exc}{hint}")
+                nursery.cancel_scope.cancel()
+                return 1
 
             async def ready() -> None:
                 st = await trio.to_thread.run_sync(os.stat, opts.mountpoint)
                 await trio.to_thread.run_sync(_raise_read_ahead, st.st_dev)
                 log.info("vapifs %s mounted %s on %s", __version__, opts.api_url, opts.mountpoint)
                 notifier.send("ok")
+                if opts.foreground:  # the process systemd started (Type=notify) is this one
+                    sd_notify("READY=1")
 
             async def on_signals() -> None:
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as it:
@@ -287,6 +317,8 @@ async def _serve(opts: MountOptions, notifier: _Notifier) -> int:
             try:
                 await pyfuse3.main()
             finally:
+                if opts.foreground:
+                    sd_notify("STOPPING=1")
                 pyfuse3.close(unmount=True)
                 with contextlib.suppress(OSError):
                     stats_path.unlink()
@@ -324,15 +356,35 @@ def _invalidator(nursery: trio.Nursery) -> Callable[[int], None]:
     return invalidate
 
 
+def _check_writable(opts: MountOptions) -> None:
+    """The cache dir and the log file, made before forking: a bad path is one line, exit 1."""
+    try:
+        opts.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise MountError(f"cannot use the cache dir {opts.cache_dir}: {exc.strerror}") from None
+    if opts.log_file is not None:
+        try:
+            opts.log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(opts.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        except OSError as exc:
+            raise MountError(f"cannot write the log file {opts.log_file}: {exc.strerror}") from None
+
+
 def run_mount(opts: MountOptions) -> int:
     """Mount; in the foreground until a signal, else return once the mount answers."""
     check_mountpoint(opts.mountpoint)
     fuse_options(opts)  # bad -o values are reported here, before anything starts
+    _check_writable(opts)
+    try:
+        # Before forking: a wrong key, or a cache written the other way, is a one-line error.
+        cipher = cache_cipher(opts.cache_dir, opts.encrypt_cache, opts.cache_key_file)
+    except CacheKeyError as exc:
+        raise MountError(str(exc)) from None
     REDACTOR.add_secret(opts.api_key)
     _harden_process()
     if opts.foreground:
         setup_logging(opts.debug, opts.log_file, to_stderr=opts.log_file is None)
-        return trio.run(_serve, opts, _Notifier(None))
+        return trio.run(_serve, opts, _Notifier(None), cipher)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:
@@ -355,7 +407,7 @@ def run_mount(opts: MountOptions) -> int:
     code = 1
     try:
         setup_logging(opts.debug, log_file, to_stderr=False)
-        code = trio.run(_serve, opts, _Notifier(write_fd))
+        code = trio.run(_serve, opts, _Notifier(write_fd), cipher)
     except BaseException as exc:
         log.exception("the mount stopped on an error")
         _Notifier(write_fd).send(f"mount failed: {describe(exc)}")

@@ -21,8 +21,9 @@ import trio
 from . import __version__
 from . import calls as C
 from .api import VapiClient, describe
-from .cache import BlockCache, MetaStore, Version
+from .cache import BlockCache, MetaStore, Version, cache_cipher
 from .cachecmd import running_mounts
+from .crypto import CacheKeyError
 from .errors import KeyRejected, VapifsError
 from .fetch import Fetcher
 from .reader import MAX_RUN_BLOCKS, ArtifactStore
@@ -60,6 +61,8 @@ class PrefetchOptions:
     read_timeout: float = 30.0
     stall_timeout: float = 10.0
     progress: bool = False
+    encrypt_cache: bool = False
+    cache_key_file: Path | None = None
 
 
 @dataclass
@@ -407,8 +410,14 @@ async def _with_core(
         await trio.to_thread.run_sync(
             lambda: opts.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         )
-        cache = BlockCache(opts.cache_dir, opts.cache_size)
-        meta = MetaStore(opts.cache_dir)
+        try:
+            cipher = await trio.to_thread.run_sync(
+                cache_cipher, opts.cache_dir, opts.encrypt_cache, opts.cache_key_file
+            )
+        except CacheKeyError as exc:
+            raise PrefetchError(str(exc)) from None
+        cache = BlockCache(opts.cache_dir, opts.cache_size, cipher=cipher)
+        meta = MetaStore(opts.cache_dir, cipher=cipher)
         await trio.to_thread.run_sync(cache.open)
         async with trio.open_nursery() as nursery:
             resolver = Resolver(api)

@@ -74,6 +74,7 @@ class Knobs:
     artifact_200: bool = False
     storage_down: bool = False
     api_down: bool = False
+    api_stall: bool = False  # the API accepts requests and stays silent for stall_seconds
 
 
 KNOB_NAMES = frozenset(f.name for f in dataclasses.fields(Knobs))
@@ -282,6 +283,9 @@ class _ApiHandler(_Handler):
         knobs = owner.knobs_snapshot()
         if knobs.api_down:
             self._drop()
+            return
+        if knobs.api_stall and owner._halt.wait(knobs.stall_seconds):
+            self._drop()  # stopped while stalling; otherwise answer late
             return
         owner._count("api.requests")
         if self.headers.get("Authorization", "") != f"Bearer {owner.api_key}":

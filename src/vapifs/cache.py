@@ -217,6 +217,23 @@ def _read_file(path: Path) -> tuple[bytes, int]:
         return f.readall(), ino
 
 
+def _read_plain_block(path: Path) -> tuple[bytes, bytes | None, int]:
+    """(head, data, inode) of an unencrypted block file, the data read into its own bytes.
+
+    Reading the header apart spares copying a whole block out of one big buffer. A file
+    that does not start like a plain block comes back whole as the head, with data None.
+    """
+    with open(path, "rb", buffering=0) as f:
+        ino = os.fstat(f.fileno()).st_ino
+        head = f.read(_DATA_OFFSET)
+        if len(head) == _DATA_OFFSET and head.startswith(MAGIC):
+            (hlen,) = _PREFIX.unpack_from(head, len(MAGIC))
+            if hlen <= _MAX_HEADER:
+                head += f.read(hlen)
+                return head, f.readall(), ino
+        return head + f.readall(), None, ino
+
+
 def _unlink_if_same(path: Path, ino: int) -> bool:
     """Delete path only if it is still the file we read: a put may have replaced it since."""
     try:
@@ -414,7 +431,10 @@ class BlockCache:
                 return None
         path = self._path(key)
         try:
-            buf, ino = _read_file(path)
+            if self.cipher is None:
+                head, body, ino = _read_plain_block(path)
+            else:
+                (head, ino), body = _read_file(path), None
         except FileNotFoundError:
             # Cleared or evicted by someone else: a plain miss.
             with self._lock:
@@ -427,8 +447,15 @@ class BlockCache:
                 self.misses += 1
             return None
 
-        plain = self._unseal(key, buf)
-        data = None if plain is None else self._check(plain, call_id, kind, version, index, length)
+        if body is not None:
+            data = self._check(head, body, call_id, kind, version, index, length)
+        else:
+            plain = self._unseal(key, head)
+            data = (
+                None
+                if plain is None
+                else self._check(plain, None, call_id, kind, version, index, length)
+            )
         if data is None:
             with self._lock:
                 try:
@@ -463,10 +490,19 @@ class BlockCache:
 
     @staticmethod
     def _check(
-        buf: bytes, call_id: str, kind: str, version: Version, index: int, length: int
+        buf: bytes,
+        body: bytes | None,
+        call_id: str,
+        kind: str,
+        version: Version,
+        index: int,
+        length: int,
     ) -> bytes | None:
-        """The data of a block file if it is whole and exactly the block asked for."""
-        parsed = _parse_block(buf)
+        """The data of a block file if it is whole and exactly the block asked for.
+
+        `buf` is the whole file, or only its head when `body` holds the data apart.
+        """
+        parsed = _parse_block(buf, body)
         if parsed is None:
             return None
         header, data = parsed
@@ -479,7 +515,7 @@ class BlockCache:
             or len(data) != length
         ):
             return None
-        return bytes(data)
+        return data if isinstance(data, bytes) else bytes(data)
 
     def put(self, call_id: str, kind: str, version: Version, index: int, data: bytes) -> bool:
         length = self.block_length(version, index)
@@ -697,13 +733,18 @@ def _block_ad(key: _Key) -> bytes:
     return f"vapifs block {h} {token} {index}".encode()
 
 
-def _parse_block(buf: bytes) -> tuple[dict[str, Any], memoryview] | None:
-    """Header and data of a block file whose magic, header and crc32 are sound."""
+def _parse_block(
+    buf: bytes, body: bytes | None = None
+) -> tuple[dict[str, Any], bytes | memoryview] | None:
+    """Header and data of a block file whose magic, header and crc32 are sound.
+
+    With `body`, `buf` is only the file's head (magic, length, header) and `body` the rest.
+    """
     if len(buf) < _DATA_OFFSET or not buf.startswith(MAGIC):
         return None
     (hlen,) = _PREFIX.unpack_from(buf, len(MAGIC))
     end = _DATA_OFFSET + hlen
-    if hlen > _MAX_HEADER or end > len(buf):
+    if hlen > _MAX_HEADER or end > len(buf) or (body is not None and end != len(buf)):
         return None
     try:
         header = json.loads(buf[_DATA_OFFSET:end])
@@ -714,7 +755,7 @@ def _parse_block(buf: bytes) -> tuple[dict[str, Any], memoryview] | None:
     index, length, crc = header.get("index"), header.get("length"), header.get("crc32")
     if not (_is_int(index) and _is_int(length) and _is_int(crc)):
         return None
-    data = memoryview(buf)[end:]
+    data: bytes | memoryview = memoryview(buf)[end:] if body is None else body
     if zlib.crc32(data) != crc:
         return None
     return header, data

@@ -78,8 +78,13 @@ class Version:
     last_modified: str | None = None
 
     def token(self) -> str:
-        raw = json.dumps([self.size, self.etag, self.last_modified], separators=(",", ":"))
-        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+        # Asked for on every read: computed once per Version (frozen, so it cannot go stale).
+        cached: str | None = self.__dict__.get("_token")
+        if cached is None:
+            raw = json.dumps([self.size, self.etag, self.last_modified], separators=(",", ":"))
+            cached = hashlib.sha256(raw.encode()).hexdigest()[:16]
+            object.__setattr__(self, "_token", cached)
+        return cached
 
     def to_json(self) -> dict[str, Any]:
         return {"size": self.size, "etag": self.etag, "last_modified": self.last_modified}

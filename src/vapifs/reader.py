@@ -30,6 +30,9 @@ FILL_AFTER_JUMPS = 4
 FILL_MIN_SEEK_SECONDS = 0.01
 FILL_MAX_BYTES = 512 << 20
 FILL_PARALLEL = 4
+# Blocks read from the disk per trip to a worker thread, and such trips at once.
+DISK_BATCH = 2
+DISK_PARALLEL = 2
 WRITERS = 2  # tasks storing fetched blocks on disk
 # After a read of an artifact gave up on the network, reads that need the network fail at
 # once for this long: the kernel retries a failed read (read-ahead, then the page itself)
@@ -118,6 +121,7 @@ class ArtifactStore:
         self._now = wall_clock
         self._memory: LRUCache[BlockKey, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         self._inflight: dict[BlockKey, _Pending] = {}
+        self._disk_limiter = trio.CapacityLimiter(DISK_PARALLEL)
         self._gave_up: dict[tuple[str, str], tuple[float, VapifsError]] = {}
         self._artifacts: dict[tuple[str, str], _Artifact] = {}
         self._writes_send, self._writes_recv = trio.open_memory_channel[
@@ -588,37 +592,45 @@ class ArtifactStore:
                 wanted.append(index)
         if wanted:
             self._start_fetches(call_id, kind, version, wanted)
-        if on_disk:
-            pendings = self._register(call_id, kind, version, on_disk)
+        for at in range(0, len(on_disk), DISK_BATCH):
+            pendings = self._register(call_id, kind, version, on_disk[at : at + DISK_BATCH])
             self._nursery.start_soon(self._load_from_disk, call_id, kind, version, pendings)
 
     async def _load_from_disk(
         self, call_id: str, kind: str, version: Version, pendings: dict[int, _Pending]
     ) -> None:
-        """Bring blocks from the disk cache into memory ahead of a sequential reader."""
+        """Bring blocks from the disk cache into memory, a few per trip to a worker thread.
+
+        Small batches hand the first blocks to a waiting reader early; two loaders at a
+        time keep both cores busy.
+        """
         token = version.token()
         indexes = sorted(pendings)
-        try:
-            datas = await trio.to_thread.run_sync(
-                self._disk_get_many, call_id, kind, version, indexes
-            )
-        except BaseException:
-            for index, pending in pendings.items():
-                self._inflight.pop((call_id, kind, token, index), None)
-                pending.error = NetworkError(f"{call_id}/{kind}: disk read-ahead interrupted")
-                pending.event.set()
-            raise
         missing: dict[int, _Pending] = {}
-        for index, data in zip(indexes, datas, strict=True):
-            pending = pendings[index]
-            if data is None:
-                missing[index] = pending
-                continue
-            self.stats.blocks_from_disk += 1
-            self.stats.bytes_from_disk += len(data)
-            self._deliver(call_id, kind, version, index, data)
-            self._inflight.pop((call_id, kind, token, index), None)
-            pending.data = data
-            pending.event.set()
+        for at in range(0, len(indexes), DISK_BATCH):
+            batch = indexes[at : at + DISK_BATCH]
+            try:
+                async with self._disk_limiter:
+                    datas = await trio.to_thread.run_sync(
+                        self._disk_get_many, call_id, kind, version, batch
+                    )
+            except BaseException:
+                for index in indexes[at:]:
+                    self._inflight.pop((call_id, kind, token, index), None)
+                    pending = pendings[index]
+                    pending.error = NetworkError(f"{call_id}/{kind}: disk read interrupted")
+                    pending.event.set()
+                raise
+            for index, data in zip(batch, datas, strict=True):
+                pending = pendings[index]
+                if data is None:
+                    missing[index] = pending
+                    continue
+                self.stats.blocks_from_disk += 1
+                self.stats.bytes_from_disk += len(data)
+                self._deliver(call_id, kind, version, index, data)
+                self._inflight.pop((call_id, kind, token, index), None)
+                pending.data = data
+                pending.event.set()
         # Blocks that vanished from the disk (evicted, damaged) come from the network instead.
         self._spawn_runs(call_id, kind, version, missing)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import stat
 import time
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from .api import describe
 from .errors import VapifsError
@@ -44,10 +46,19 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(
-        self, tree: Tree, *, uid: int | None = None, gid: int | None = None, umask: int = 0o027
+        self,
+        tree: Tree,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        umask: int = 0o027,
+        deadline: float = math.inf,
     ) -> None:
         super().__init__()
         self.tree = tree
+        # No request waits longer than this, whatever it takes (a lookup that lists calls and
+        # sizes a file, a decompressed read that needs several fetches): EIO instead.
+        self.deadline = deadline
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.umask = umask
@@ -62,7 +73,11 @@ class Operations(pyfuse3.Operations):
     async def _guard(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run a tree call; turn its failures into the one FUSEError a handler may raise."""
         try:
-            return await call()
+            with trio.fail_after(self.deadline):
+                return await call()
+        except trio.TooSlowError:
+            self._log_failure(f"{what}: no answer from the network within {self.deadline:g}s")
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except pyfuse3.FUSEError:
             raise
         except VapifsError as exc:

@@ -318,6 +318,7 @@ def test_an_fstab_line_mounts_with_mount8_and_unmounts_with_umount(
     key = key_file(tmp_path, fake.api_key)
     options = (
         f"api_key_file={key},api_url={fake.api_url},cache_dir={tmp_path / 'cache'},"
+        f"log_file={tmp_path / 'vapifs.log'},"
         "allow_other,_netdev,nofail,x-systemd.automount,noatime,umask=077"
     )
     fstab = tmp_path / "fstab"
@@ -344,7 +345,7 @@ def test_an_fstab_line_mounts_with_mount8_and_unmounts_with_umount(
     while _daemons(helper_mount) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _daemons(helper_mount), "the daemon outlived its mount"
-    assert "unmounted" in (tmp_path / "cache" / "vapifs.log").read_text()
+    assert "unmounted" in (tmp_path / "vapifs.log").read_text()
 
 
 @pytest.mark.mount

@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from . import __version__
 from .api import DEFAULT_API_URL
 from .config import command_names
+from .reader import DEFAULT_REVALIDATE
 
 EXAMPLES = """\
 examples:
@@ -208,12 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-file",
         type=Path,
         metavar="FILE",
-        help="log here (default: stderr in the foreground, CACHE_DIR/vapifs.log in the background)",
+        help="log here (default: stderr in the foreground, $XDG_STATE_HOME/vapifs/vapifs.log "
+        "= ~/.local/state/vapifs/vapifs.log in the background)",
     )
     m.add_argument(
         "--revalidate",
         type=parse_duration,
-        default=86400.0,
+        default=DEFAULT_REVALIDATE,
         metavar="DURATION",
         help="check a cached artifact against the server at most this often (default: 1d)",
     )

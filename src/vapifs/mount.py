@@ -19,22 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import httpx
 import pyfuse3
 import trio
 
 from . import __version__
-from .api import VapiClient, describe
-from .cache import BlockCache, MetaStore, cache_cipher
+from .api import describe
+from .cache import cache_cipher
+from .core import api_client, http_client, open_core
 from .crypto import CacheKeyError, Cipher
 from .errors import KeyRejected, VapifsError
-from .fetch import Fetcher
 from .fs import Operations
 from .gzview import GzipViews
-from .reader import ArtifactStore
+from .reader import DEFAULT_REVALIDATE
 from .redact import REDACTOR, RedactingFilter
-from .resolver import Resolver
-from .retry import RetryPolicy
 from .sdnotify import notify as sd_notify
 from .stats import Sources, snapshot
 from .stats import encode as encode_stats
@@ -58,7 +55,7 @@ class MountOptions:
     fuse_options: list[str] = field(default_factory=list)
     debug: bool = False
     log_file: Path | None = None
-    revalidate: float = 86400.0
+    revalidate: float = DEFAULT_REVALIDATE
     dir_ttl: float = 60.0
     window_days: float = 14.0
     since: float | None = None  # a fixed start of the window (else window_days back)
@@ -75,6 +72,15 @@ class MountOptions:
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "vapifs"
+
+
+def default_log_file() -> Path:
+    """Where a background mount logs: with the user's state, apart from the cache (whose
+    contents may be encrypted, while log lines name call ids)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return Path(base) / "vapifs" / "vapifs.log"
 
 
 def setup_logging(debug: bool, log_file: Path | None, to_stderr: bool) -> None:
@@ -193,13 +199,13 @@ def _write_runtime(path: Path, payload: dict[str, object]) -> None:
 
 
 async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None = None) -> int:
-    timeout = httpx.Timeout(
-        connect=opts.connect_timeout, read=opts.stall_timeout, write=10.0, pool=opts.read_timeout
+    client = http_client(
+        read_timeout=opts.read_timeout,
+        stall_timeout=opts.stall_timeout,
+        connect_timeout=opts.connect_timeout,
     )
-    limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
-    headers = {"User-Agent": f"vapifs/{__version__}"}
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as client:
-        api = VapiClient(client, opts.api_url, opts.api_key, policy=RetryPolicy())
+    async with client:
+        api = api_client(client, opts.api_url, opts.api_key)
         try:
             with trio.fail_after(opts.read_timeout):
                 await api.check_key()
@@ -211,33 +217,28 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                 "the Vapi API is unreachable (%s); mounting anyway and serving the cache",
                 describe(exc),
             )
-        opts.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cache = BlockCache(opts.cache_dir, opts.cache_size, cipher=cipher)
-        meta = MetaStore(opts.cache_dir, cipher=cipher)
-        await trio.to_thread.run_sync(cache.open)
         async with trio.open_nursery() as nursery:
-            resolver = Resolver(api)
-            api.on_calls = resolver.offer_calls
-            fetcher = Fetcher(client, resolver, block_size=cache.block_size)
-            store = ArtifactStore(
+            core = await open_core(
                 nursery,
-                cache,
-                meta,
-                fetcher,
+                client,
+                api,
+                opts.cache_dir,
+                opts.cache_size,
+                cipher,
                 revalidate_after=opts.revalidate,
                 read_timeout=opts.read_timeout,
             )
             tree = Tree(
                 api,
-                store,
-                meta,
+                core.store,
+                core.meta,
                 window_days=opts.window_days,
                 since=opts.since,
                 until=opts.until,
                 assistants=opts.assistants,
                 timezone=ZoneInfo(opts.timezone),
                 dir_ttl=opts.dir_ttl,
-                gz=GzipViews(meta, nursery=nursery),
+                gz=GzipViews(core.meta, nursery=nursery),
             )
             kernel_options, owner = fuse_options(opts)
             ops = Operations(
@@ -251,10 +252,10 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
             tree.on_invalidate = _invalidator(nursery)
             sources = Sources(
                 api=api,
-                resolver=resolver,
-                fetcher=fetcher,
-                cache=cache,
-                store=store,
+                resolver=core.resolver,
+                fetcher=core.fetcher,
+                cache=core.cache,
+                store=core.store,
                 open_files=lambda: ops.open_files,
                 started=time.time(),
                 mountpoint=str(opts.mountpoint),
@@ -298,13 +299,13 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                         "started": started,
                         "updated": time.time(),
                         "api_requests": api.requests,
-                        "resolutions": resolver.resolutions,
-                        "storage_requests": fetcher.requests,
-                        "bytes_from_network": fetcher.bytes_received,
-                        "cache_hits": cache.hits,
-                        "cache_misses": cache.misses,
+                        "resolutions": core.resolver.resolutions,
+                        "storage_requests": core.fetcher.requests,
+                        "bytes_from_network": core.fetcher.bytes_received,
+                        "cache_hits": core.cache.hits,
+                        "cache_misses": core.cache.misses,
                         "open_files": ops.open_files,
-                        **{f"reader_{k}": v for k, v in vars(store.stats).items()},
+                        **{f"reader_{k}": v for k, v in vars(core.store.stats).items()},
                         "stats": snapshot(sources),
                     }
                     with contextlib.suppress(OSError):
@@ -326,7 +327,7 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                 # offline perhaps, finds them there.
                 with trio.move_on_after(5.0) as flushing:
                     flushing.shield = True
-                    await store.flush()
+                    await core.store.flush()
                 nursery.cancel_scope.cancel()
     log.info("unmounted %s", opts.mountpoint)
     return 0
@@ -374,6 +375,8 @@ def run_mount(opts: MountOptions) -> int:
     """Mount; in the foreground until a signal, else return once the mount answers."""
     check_mountpoint(opts.mountpoint)
     fuse_options(opts)  # bad -o values are reported here, before anything starts
+    if not opts.foreground and opts.log_file is None:
+        opts.log_file = default_log_file()
     _check_writable(opts)
     try:
         # Before forking: a wrong key, or a cache written the other way, is a one-line error.
@@ -403,10 +406,9 @@ def run_mount(opts: MountOptions) -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
-    log_file = opts.log_file or (opts.cache_dir / "vapifs.log")
     code = 1
     try:
-        setup_logging(opts.debug, log_file, to_stderr=False)
+        setup_logging(opts.debug, opts.log_file, to_stderr=False)
         code = trio.run(_serve, opts, _Notifier(write_fd), cipher)
     except BaseException as exc:
         log.exception("the mount stopped on an error")

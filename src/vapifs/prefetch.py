@@ -15,20 +15,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
 import trio
 
-from . import __version__
 from . import calls as C
 from .api import VapiClient, describe
-from .cache import BlockCache, MetaStore, Version, cache_cipher
+from .cache import BlockCache, Version, cache_cipher
 from .cachecmd import running_mounts
+from .core import api_client, http_client, open_core
 from .crypto import CacheKeyError
 from .errors import KeyRejected, VapifsError
 from .fetch import Fetcher
-from .reader import MAX_RUN_BLOCKS, ArtifactStore
-from .resolver import Resolver
-from .retry import RetryPolicy
+from .reader import DEFAULT_REVALIDATE, MAX_RUN_BLOCKS, ArtifactStore
 from .stats import NotAMount, human_bytes, human_duration, mount_root, read_stats
 from .tree import Tree
 
@@ -400,31 +397,28 @@ async def _with_core(
 ) -> None:
     """Build the FUSE-free core (as a mount does, without FUSE) and prefetch through it."""
     key = opts.key()
-    timeout = httpx.Timeout(
-        connect=5.0, read=opts.stall_timeout, write=10.0, pool=opts.read_timeout
-    )
-    limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
-    headers = {"User-Agent": f"vapifs/{__version__}"}
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as client:
-        api = VapiClient(client, opts.api_url, key, policy=RetryPolicy())
-        await trio.to_thread.run_sync(
-            lambda: opts.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        )
+    client = http_client(read_timeout=opts.read_timeout, stall_timeout=opts.stall_timeout)
+    async with client:
+        api = api_client(client, opts.api_url, key)
         try:
             cipher = await trio.to_thread.run_sync(
                 cache_cipher, opts.cache_dir, opts.encrypt_cache, opts.cache_key_file
             )
         except CacheKeyError as exc:
             raise PrefetchError(str(exc)) from None
-        cache = BlockCache(opts.cache_dir, opts.cache_size, cipher=cipher)
-        meta = MetaStore(opts.cache_dir, cipher=cipher)
-        await trio.to_thread.run_sync(cache.open)
         async with trio.open_nursery() as nursery:
-            resolver = Resolver(api)
-            api.on_calls = resolver.offer_calls
-            fetcher = Fetcher(client, resolver, block_size=cache.block_size)
-            store = ArtifactStore(nursery, cache, meta, fetcher, read_timeout=opts.read_timeout)
-            core = _Core(api, Tree(api, store, meta), store, cache, fetcher)
+            built = await open_core(
+                nursery,
+                client,
+                api,
+                opts.cache_dir,
+                opts.cache_size,
+                cipher,
+                revalidate_after=DEFAULT_REVALIDATE,
+                read_timeout=opts.read_timeout,
+            )
+            store, cache, fetcher = built.store, built.cache, built.fetcher
+            core = _Core(api, Tree(api, store, built.meta), store, cache, fetcher)
             jobs = list(mount_jobs)
             try:
                 with trio.CancelScope() as listing:

@@ -19,6 +19,8 @@ log = logging.getLogger("vapifs.reader")
 
 BlockKey = tuple[str, str, str, int]  # (call id, kind, version token, block index)
 
+# An artifact's version is checked against the server at most this often (seconds).
+DEFAULT_REVALIDATE = 86400.0
 # A run of blocks fetched by one ranged request: long enough to amortise a round trip,
 # short enough that a reader waiting on the first block does not wait long.
 MAX_RUN_BLOCKS = 8
@@ -104,7 +106,7 @@ class ArtifactStore:
         meta: MetaStore,
         fetcher: Fetcher,
         *,
-        revalidate_after: float = 86400.0,
+        revalidate_after: float = DEFAULT_REVALIDATE,
         read_timeout: float = 30.0,
         memory_bytes: int = 64 << 20,
         max_readahead_blocks: int = 32,

@@ -1,0 +1,75 @@
+"""Wiring of the FUSE-free core, shared by the mount and by prefetch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import trio
+
+from . import __version__
+from .api import VapiClient
+from .cache import BlockCache, MetaStore
+from .crypto import Cipher
+from .fetch import Fetcher
+from .reader import ArtifactStore
+from .resolver import Resolver
+from .retry import RetryPolicy
+
+
+def http_client(
+    *, read_timeout: float, stall_timeout: float, connect_timeout: float = 5.0
+) -> httpx.AsyncClient:
+    """The one HTTP client of a process: API and storage, bounded connections and waits."""
+    timeout = httpx.Timeout(
+        connect=connect_timeout, read=stall_timeout, write=10.0, pool=read_timeout
+    )
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
+    headers = {"User-Agent": f"vapifs/{__version__}"}
+    return httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers)
+
+
+def api_client(client: httpx.AsyncClient, api_url: str, api_key: str) -> VapiClient:
+    return VapiClient(client, api_url, api_key, policy=RetryPolicy())
+
+
+@dataclass
+class Core:
+    """Everything that reads artifacts, from the signed URLs to the disk cache."""
+
+    resolver: Resolver
+    fetcher: Fetcher
+    cache: BlockCache
+    meta: MetaStore
+    store: ArtifactStore
+
+
+async def open_core(
+    nursery: trio.Nursery,
+    client: httpx.AsyncClient,
+    api: VapiClient,
+    cache_dir: Path,
+    cache_size: int,
+    cipher: Cipher | None,
+    *,
+    revalidate_after: float,
+    read_timeout: float,
+) -> Core:
+    """Open the caches under `cache_dir` and build the read path; tasks go to `nursery`."""
+    await trio.to_thread.run_sync(lambda: cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
+    cache = BlockCache(cache_dir, cache_size, cipher=cipher)
+    meta = MetaStore(cache_dir, cipher=cipher)
+    await trio.to_thread.run_sync(cache.open)
+    resolver = Resolver(api)
+    api.on_calls = resolver.offer_calls  # listings carry fresh signed URLs: keep them
+    fetcher = Fetcher(client, resolver, block_size=cache.block_size)
+    store = ArtifactStore(
+        nursery,
+        cache,
+        meta,
+        fetcher,
+        revalidate_after=revalidate_after,
+        read_timeout=read_timeout,
+    )
+    return Core(resolver, fetcher, cache, meta, store)

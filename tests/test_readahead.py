@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,11 @@ def big_call(fake: FakeVapi) -> tuple[str, bytes]:
         ((c, fc.artifacts["stereo"]) for c, fc in fake.calls.items() if "stereo" in fc.artifacts),
         key=lambda item: len(item[1]),
     )
+
+
+def blocks_on_disk(cache_dir: Path, call_id: str, kind: str = "stereo") -> int:
+    h = hashlib.sha256(f"{call_id}/{kind}".encode()).hexdigest()[:32]
+    return len(list((cache_dir / "blocks" / h[:2] / h).glob("*.blk")))
 
 
 def test_a_sequential_read_goes_out_as_few_large_requests(mount_factory: MountFactory) -> None:
@@ -90,9 +97,12 @@ def test_scrubbing_fetches_the_whole_file_in_the_background(
                 offset = rng.randrange(0, len(data) - 64 * KIB)
                 f.seek(offset)
                 assert f.read(64 * KIB) == data[offset : offset + 64 * KIB]
-            deadline = time.monotonic() + 20
-            while fake.counters()["storage.bytes"] < len(data) and time.monotonic() < deadline:
+            # The fill is done when every block of the file is on disk.
+            blocks = -(-len(data) // MIB)
+            deadline = time.monotonic() + 30
+            while blocks_on_disk(m.cache_dir, call_id) < blocks and time.monotonic() < deadline:
                 time.sleep(0.1)
+        assert blocks_on_disk(m.cache_dir, call_id) == blocks
         assert fake.counters()["storage.bytes"] >= len(data)
         m.stop()
         # Everything is on disk now: another mount reads the file with the network gone.

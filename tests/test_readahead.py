@@ -59,7 +59,12 @@ def test_on_a_fast_link_seeks_never_start_a_background_fill(
                 f.seek(offset)
                 assert f.read(64 * KIB) == data[offset : offset + 64 * KIB]
             time.sleep(0.5)
-        assert fake.counters()["storage.bytes"] < 12 * 512 * KIB
+        counters = fake.counters()
+        assert counters["storage.bytes"] < 12 * 512 * KIB
+        # Each seek is one request on a kept-alive connection, not a new connection each:
+        # a connection costs a round trip of its own on a real link.
+        assert counters[f"storage.get:{call_id}/stereo"] >= 12
+        assert counters["storage.connections"] <= 2, counters
         m.stop()
 
 

@@ -23,6 +23,8 @@ _UNSATISFIED = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
 # Storage answers that mean "this signed URL is no good any more: ask the API for another".
 _REFUSED = {400, 401, 403, 404, 410}
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# Bytes past the wanted end of a 206 body read to keep its connection; more and it is closed.
+_MAX_DRAIN = 1 << 20
 
 Sink = Callable[[int, bytes], Awaitable[None]]  # (block index, block)
 _PieceSink = Callable[[int, bytes], Awaitable[None]]  # (offset, piece)
@@ -288,6 +290,7 @@ class Fetcher:
                 return
             body_end = min(body_end, end)
             pending = _Pieces()
+            extra = 0
             need = state.piece_end(pos, version.size) - pos
             try:
                 # Bytes exactly as stored: never let httpx decode them. For an identity body
@@ -295,6 +298,13 @@ class Fetcher:
                 chunks = response.aiter_raw() if encoded else response.aiter_bytes()
                 async for chunk in chunks:
                     self.bytes_received += len(chunk)
+                    if pos >= body_end:
+                        # Past what was wanted: a 206 body that ran on, or a whole body.
+                        # Only a short tail is worth reading to keep the connection.
+                        extra += len(chunk)
+                        if status != 206 or extra > _MAX_DRAIN:
+                            break
+                        continue
                     if skip:
                         if len(chunk) <= skip:
                             skip -= len(chunk)
@@ -309,8 +319,11 @@ class Fetcher:
                         pos += need
                         state.pos = pos
                         need = state.piece_end(pos, version.size) - pos
-                    if pos >= body_end:
+                    if pos >= body_end and status != 206:
                         break
+                # A 206 body is read to its end (usually no more than an empty read) so
+                # that the connection goes back to the pool: a response closed early costs
+                # a new connection for the next request.
             except (httpx.TransportError, httpx.StreamError) as exc:
                 raise _Retry(f"{type(exc).__name__} after {pos} bytes") from None
             if pos < body_end:

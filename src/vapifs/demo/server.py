@@ -42,6 +42,7 @@ BASE_COUNTERS = (
     "api.resolve",
     "api.unauthorized",
     "storage.requests",
+    "storage.connections",
     "storage.bytes",
     "storage.expired",
     "storage.bad_signature",
@@ -152,6 +153,8 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.owner._track(self.connection, True)
+        if isinstance(self, _StorageHandler):
+            self.owner._count("storage.connections")
 
     def finish(self) -> None:
         try:

@@ -14,7 +14,7 @@ import pytest
 
 from vapifs.calls import artifact_files
 from vapifs.demo.server import FakeVapi
-from vapifs.stats import PAGE_CACHE_NOTE, STATS_XATTR
+from vapifs.stats import PAGE_CACHE_NOTE, STATS_FILE
 
 from .conftest import VAPIFS, MountFactory
 
@@ -83,12 +83,24 @@ def test_stats_agree_exactly_with_the_fake(fake: FakeVapi, mount_factory: MountF
     with open(m.calls / calls[0].id / "call.json", "rb"):
         assert stats_json(m.mountpoint)["open_files"] == 1
 
-    # Only the root answers the stats name; every other name and inode is ENODATA as before.
-    for path, name in ((m.mountpoint, "user.other"), (m.calls, STATS_XATTR)):
+    # The stats file is the root's alone and never listed, so `ls -a`, `cp -a` and backups
+    # never see it; each open reads fresh figures.
+    assert STATS_FILE not in os.listdir(m.mountpoint)
+    first = json.loads((m.mountpoint / STATS_FILE).read_bytes())
+    assert first["pid"] == m.proc.pid
+    (m.calls / calls[1].id / "call.json").read_bytes()
+    assert json.loads((m.mountpoint / STATS_FILE).read_bytes())["uptime"] > first["uptime"]
+    with pytest.raises(FileNotFoundError):
+        os.stat(m.calls / STATS_FILE)
+    with pytest.raises(OSError) as info:
+        (m.mountpoint / STATS_FILE).write_bytes(b"{}")
+    assert info.value.errno == errno.EROFS
+    # No extended attributes: the kernel answers for the mount, so `ls -l` costs the mount
+    # no round trip per file for them.
+    for path in (m.mountpoint, m.calls, m.calls / calls[0].id / "call.json"):
         with pytest.raises(OSError) as info:
-            os.getxattr(path, name)
-        assert info.value.errno == errno.ENODATA
-    assert os.listxattr(m.mountpoint) == []
+            os.getxattr(path, "user.vapifs.stats")
+        assert info.value.errno == errno.EOPNOTSUPP
 
     table = subprocess.run(
         [*VAPIFS, "stats", str(m.mountpoint)], capture_output=True, text=True, timeout=30

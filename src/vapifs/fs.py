@@ -18,7 +18,7 @@ import trio
 from .api import describe
 from .errors import VapifsError
 from .reader import Stream
-from .stats import STATS_XATTR
+from .stats import STATS_FILE
 from .tree import ROOT_INODE, Node, Tree
 
 log = logging.getLogger("vapifs.fs")
@@ -30,7 +30,9 @@ IMMUTABLE_TIMEOUT = 3600.0
 # is several FUSE reads (the kernel's read-ahead, then its retry), not several problems.
 LOG_REPEAT = 10.0
 MUTABLE_TIMEOUT = 1.0
-_STATS_NAME = STATS_XATTR.encode()
+# The unlisted stats file of the root (`vapifs stats`): an inode no tree node ever takes.
+STATS_INODE = (1 << 63) - 1
+_STATS_NAME = STATS_FILE.encode()
 
 
 @dataclass
@@ -67,8 +69,9 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._logged: dict[str, float] = {}  # failure line -> when it was last logged
         self.open_files = 0
-        # The mount's live figures as JSON, served as an xattr of the root (`vapifs stats`).
+        # The mount's live figures as JSON, read from the root's unlisted stats file.
         self.stats_source: Callable[[], bytes] | None = None
+        self._stats_reads: dict[int, bytes] = {}  # fh -> the figures taken at open
 
     async def _guard(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run a tree call; turn its failures into the one FUSEError a handler may raise."""
@@ -124,9 +127,23 @@ class Operations(pyfuse3.Operations):
         attrs.attr_timeout = timeout
         return attrs
 
+    def _stats_attrs(self) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = STATS_INODE
+        attrs.st_mode = stat.S_IFREG | (0o444 & ~self.umask)
+        attrs.st_nlink = 1
+        attrs.st_size = 0  # unknown until read: opened with direct_io, read to EOF
+        attrs.st_uid = self.uid
+        attrs.st_gid = self.gid
+        attrs.st_blksize = 1 << 20
+        attrs.entry_timeout = attrs.attr_timeout = MUTABLE_TIMEOUT
+        return attrs
+
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_INODE and name == _STATS_NAME and self.stats_source is not None:
+            return self._stats_attrs()
         text = name.decode("utf-8", "surrogateescape")
         node = await self._guard(f"lookup {text!r}", lambda: self.tree.lookup(parent_inode, text))
         return self._attrs(node)
@@ -134,6 +151,9 @@ class Operations(pyfuse3.Operations):
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
+        if inode == STATS_INODE and self.stats_source is not None:
+            return self._stats_attrs()
+
         async def get() -> Node:
             return self.tree.node(inode)
 
@@ -184,6 +204,11 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
+        if inode == STATS_INODE and self.stats_source is not None:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._stats_reads[fh] = self.stats_source()
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         node = await self._guard("open", self._node_of(inode))
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -199,6 +224,9 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles.get(fh)
         if handle is None:
+            figures = self._stats_reads.get(fh)
+            if figures is not None:
+                return figures[off : off + size]
             raise pyfuse3.FUSEError(errno.EBADF)
         return await self._guard(
             f"read {handle.node.call_id}/{handle.node.name}",
@@ -206,6 +234,7 @@ class Operations(pyfuse3.Operations):
         )
 
     async def release(self, fh: int) -> None:
+        self._stats_reads.pop(fh, None)
         handle = self._handles.pop(fh, None)
         if handle is not None:
             handle.stream.close()
@@ -220,13 +249,9 @@ class Operations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == ROOT_INODE and name == _STATS_NAME and self.stats_source is not None:
-            return self.stats_source()
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return []  # the stats name stays unlisted, so that cp -a / rsync -X never copy it
+    # getxattr and listxattr are left unimplemented (ENOSYS): the kernel then answers every
+    # later call itself (EOPNOTSUPP), where an ENODATA from here would cost `ls -l` two
+    # round trips to this process for every file it shows.
 
     # Everything that would change the tree: a read-only file system says EROFS.
     async def _read_only(self, *args: Any, **kwargs: Any) -> Any:

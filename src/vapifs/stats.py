@@ -17,8 +17,10 @@ from .fetch import Fetcher
 from .reader import ArtifactStore
 from .resolver import Resolver
 
-# The mount answers getxattr of this name on its root directory with `snapshot()` as JSON.
-STATS_XATTR = "user.vapifs.stats"
+# A file of this name in the mount's root, never listed, reads as `snapshot()` in JSON,
+# taken when it is opened. (A file, not an extended attribute: a file system that answers
+# getxattr at all is asked for two attributes of every file `ls -l` shows.)
+STATS_FILE = ".vapifs-stats"
 
 PAGE_CACHE_NOTE = (
     "re-reads served by the kernel page cache never reach the mount and are not counted"
@@ -108,7 +110,8 @@ def read_stats(path: Path) -> dict[str, Any]:
     if not os.path.exists(path):
         raise NotAMount(f"{path}: no such file or directory")
     try:
-        raw = os.getxattr(mount_root(path), STATS_XATTR)
+        with open(mount_root(path) / STATS_FILE, "rb") as f:
+            raw = f.read(1 << 20)
     except OSError:
         raise NotAMount(f"{path} is not a vapifs mount") from None
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import random
 import re
 from collections.abc import AsyncIterator, Callable
 
@@ -12,8 +13,9 @@ import trio
 
 from vapifs.api import VapiClient
 from vapifs.cache import Version
+from vapifs.core import SOCKET_READ, larger_socket_reads
 from vapifs.errors import KeyRejected, NetworkError, VersionChanged
-from vapifs.fetch import Fetcher
+from vapifs.fetch import Fetcher, _Pieces
 from vapifs.resolver import Resolver
 from vapifs.retry import RetryPolicy
 
@@ -662,3 +664,29 @@ async def test_fetch_bytes_version_change(rig: Rig, storage: Storage) -> None:
     with pytest.raises(VersionChanged) as info:
         await rig.fetcher.fetch_bytes("call-1", "mono", 5, 50, V1)
     assert info.value.new_version == Version(300, '"v2"', LAST_MODIFIED)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pieces_cut_from_chunks_of_any_size_are_exact(seed: int) -> None:
+    rng = random.Random(seed)
+    data = rng.randbytes(3 << 20)
+    pieces, out = _Pieces(), []
+    pos = 0
+    while pos < len(data):
+        size = rng.choice([1, 4096, 65536, 1 << 20, rng.randrange(1, 3 << 20)])
+        pieces.add(data[pos : pos + size])
+        pos += size
+        while pieces.size >= 300_000:
+            piece = pieces.take(300_000)
+            assert type(piece) is bytes
+            out.append(piece)
+    if pieces.size:
+        out.append(pieces.take(pieces.size))
+    assert pieces.size == 0 and b"".join(out) == data
+
+
+def test_http_connections_read_large_chunks() -> None:
+    import httpcore
+
+    larger_socket_reads()
+    assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES >= SOCKET_READ

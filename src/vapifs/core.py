@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpcore
 import httpx
 import trio
 
@@ -17,11 +18,26 @@ from .reader import ArtifactStore
 from .resolver import Resolver
 from .retry import RetryPolicy
 
+# httpcore reads a response 64 KiB at a time, and each read climbs through h11, httpcore and
+# httpx: on a fast link that per-read cost, not the network, caps a download (one connection
+# on loopback: about 360 MB/s with 64 KiB reads, 850 MB/s with 1 MiB). A read returns what
+# the socket holds at the moment, so a slow link still hands over bytes as they come.
+SOCKET_READ = 1 << 20
+
+
+def larger_socket_reads(size: int = SOCKET_READ) -> None:
+    """Let every HTTP/1.1 connection of this process read up to `size` bytes at a time."""
+    conn = getattr(httpcore, "AsyncHTTP11Connection", None)
+    current = getattr(conn, "READ_NUM_BYTES", None)
+    if conn is not None and isinstance(current, int) and current < size:
+        conn.READ_NUM_BYTES = size
+
 
 def http_client(
     *, read_timeout: float, stall_timeout: float, connect_timeout: float = 5.0
 ) -> httpx.AsyncClient:
     """The one HTTP client of a process: API and storage, bounded connections and waits."""
+    larger_socket_reads()
     timeout = httpx.Timeout(
         connect=connect_timeout, read=stall_timeout, write=10.0, pool=read_timeout
     )

@@ -61,20 +61,24 @@ class _Progress:
 
 
 class _Pieces:
-    """Received chunks, cut into pieces with one copy per byte (the join)."""
+    """Received chunks, cut into pieces with at most one copy per byte (the join).
+
+    A chunk cut between two pieces is kept as views of it, never copied in halves: with
+    socket reads as large as a block, that would copy most bytes twice.
+    """
 
     def __init__(self) -> None:
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | memoryview] = []
         self.size = 0
 
-    def add(self, chunk: bytes) -> None:
+    def add(self, chunk: bytes | memoryview) -> None:
         if chunk:
             self._chunks.append(chunk)
             self.size += len(chunk)
 
     def take(self, n: int) -> bytes:
         """The first `n` bytes (n <= size)."""
-        out: list[bytes] = []
+        out: list[bytes | memoryview] = []
         got = 0
         chunks = self._chunks
         i = 0
@@ -86,12 +90,15 @@ class _Pieces:
                 i += 1
             else:
                 cut = n - got
-                out.append(chunk[:cut])
-                chunks[i] = chunk[cut:]
+                view = memoryview(chunk)
+                out.append(view[:cut])
+                chunks[i] = view[cut:]
                 got = n
         del chunks[:i]
         self.size -= n
-        return out[0] if len(out) == 1 else b"".join(out)
+        if len(out) == 1 and isinstance(out[0], bytes):
+            return out[0]  # a whole chunk: no copy at all
+        return b"".join(out)
 
 
 class Fetcher:
@@ -313,7 +320,8 @@ class Fetcher:
                         skip = 0
                     # Never buffer past what the response says it carries: a body longer
                     # than its Content-Range must not complete a block with foreign bytes.
-                    pending.add(chunk[: body_end - pos - pending.size])
+                    room = body_end - pos - pending.size
+                    pending.add(chunk if len(chunk) <= room else memoryview(chunk)[:room])
                     while pending.size >= need and pos < body_end:
                         await sink(pos, pending.take(need))
                         pos += need

@@ -109,7 +109,7 @@ class ArtifactStore:
         revalidate_after: float = DEFAULT_REVALIDATE,
         read_timeout: float = 30.0,
         memory_bytes: int = 64 << 20,
-        max_readahead_blocks: int = 32,
+        max_readahead_blocks: int = 48,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._nursery = nursery
@@ -569,13 +569,14 @@ class ArtifactStore:
         """Grow a window of background fetches while a reader stays sequential.
 
         The window doubles with every sequential read up to its maximum, and is topped up
-        only once half of it has been consumed, so that read-ahead goes out as a few large
-        ranged requests rather than one small request per block.
+        only once a run's worth of it (half of it while it is small) has been consumed, so
+        that read-ahead goes out as whole runs, several at once on a long link, rather than
+        one small request per block.
         """
         bs = self.block_size
         stream.window = min(max(1, stream.window * 2), self._max_readahead)
         current = (end - 1) // bs
-        if stream.ahead_until - current > stream.window // 2:
+        if stream.ahead_until - current > max(stream.window // 2, stream.window - MAX_RUN_BLOCKS):
             return
         token = version.token()
         last_block = (version.size - 1) // bs

@@ -232,6 +232,19 @@ async def test_zero_length_artifact(answer: int) -> None:
         assert len(storage.requests) == 1
 
 
+async def test_probe_asks_for_one_byte_and_learns_the_version(rig: Rig, storage: Storage) -> None:
+    assert await rig.fetcher.probe("call-1", "mono") == V1
+    assert storage.ranges == ["bytes=0-0"]
+    assert rig.fetcher.bytes_received == 1
+
+
+async def test_probe_of_an_empty_artifact() -> None:
+    storage = Storage(body=b"")
+    async for rig in make_rig(storage):
+        assert await rig.fetcher.probe("call-1", "mono") == Version(0, ETAG, LAST_MODIFIED)
+        assert storage.ranges == ["bytes=0-0"]
+
+
 async def test_range_ignored_skips_to_the_offset(rig: Rig, storage: Storage) -> None:
     def whole(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, headers=storage.headers(), content=BODY)

@@ -81,6 +81,32 @@ def test_every_artifact_is_byte_identical_with_exact_sizes_first(
         assert "presigned" not in (directory / "call.json").read_text().lower()
 
 
+def test_ls_l_of_a_call_learns_sizes_without_downloading_recordings(
+    mount_factory: MountFactory,
+) -> None:
+    with FakeVapi(seed=21, big_stereo_mb=24) as fake:
+        m = mount_factory(server=fake, name="lsl")
+        call_id, fc = max(
+            ((c, fc) for c, fc in fake.calls.items() if "stereo" in fc.artifacts),
+            key=lambda item: len(item[1].artifacts["stereo"]),
+        )
+        fake.reset_counters()
+        out = subprocess.run(
+            ["ls", "-l", str(m.calls / call_id)], capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 0, out.stderr
+        sizes = {line.split()[-1]: int(line.split()[4]) for line in out.stdout.splitlines()[1:]}
+        for name, kind in artifact_files(fc.call).items():
+            assert sizes[name] == len(fc.artifacts[kind]), name
+        # Sizes come from one-byte ranges; only the logs (whose decompressed size is in
+        # their gzip trailer) are fetched, and they are small.
+        logs = len(fc.artifacts.get("logs", b""))
+        assert fake.counters()["storage.bytes"] <= logs + len(fc.artifacts), fake.counters()
+        # The first read after such a listing is whole and correct.
+        assert (m.calls / call_id / "stereo.wav").read_bytes() == fc.artifacts["stereo"]
+        m.stop()
+
+
 def test_wave_reads_the_stereo_header_and_length(
     fake: FakeVapi, mount_factory: MountFactory
 ) -> None:

@@ -153,6 +153,17 @@ class Fetcher:
         state = _Progress(first * bs, (first + count) * bs, expect, block_end)
         return await self._run(call_id, kind, state, by_index)
 
+    async def probe(self, call_id: str, kind: str) -> Version:
+        """The artifact's version (size, ETag) at the cost of one byte on the wire."""
+
+        async def drop(pos: int, data: bytes) -> None:
+            pass
+
+        def one_byte(pos: int, size: int) -> int:
+            return min(1, size)
+
+        return await self._run(call_id, kind, _Progress(0, 1, None, one_byte), drop)
+
     async def fetch_bytes(
         self, call_id: str, kind: str, start: int, end: int, expect: Version
     ) -> bytes:

@@ -141,11 +141,12 @@ class ArtifactStore:
         state = self._artifacts.get((call_id, kind))
         return state.version if state else None
 
-    async def version(self, call_id: str, kind: str) -> Version:
+    async def version(self, call_id: str, kind: str, *, light: bool = False) -> Version:
         """The artifact's current version (size, ETag), checked at most once per interval.
 
-        Discovery fetches block 0 as well, so a player's first read is already cached. When
-        the network is down, a version seen before is used as it is.
+        Discovery fetches block 0 as well, so a player's first read is already cached, unless
+        `light` (a directory listing, which wants sizes of many files and reads few): then
+        one byte. When the network is down, a version seen before is used as it is.
         """
         state = self._artifacts.setdefault((call_id, kind), _Artifact())
         if state.version is not None and self._fresh(state):
@@ -160,7 +161,7 @@ class ArtifactStore:
             if state.version is None:
                 self._check_gave_up(call_id, kind)
             try:
-                await self._discover(call_id, kind, state)
+                await self._discover(call_id, kind, state, light)
             except NetworkError as exc:
                 if state.version is None:
                     raise
@@ -200,14 +201,17 @@ class ArtifactStore:
     def _fresh(self, state: _Artifact) -> bool:
         return 0 <= self._now() - state.checked_at < self.revalidate_after
 
-    async def _discover(self, call_id: str, kind: str, state: _Artifact) -> None:
+    async def _discover(self, call_id: str, kind: str, state: _Artifact, light: bool) -> None:
         got: list[bytes] = []
 
         async def keep(index: int, data: bytes) -> None:
             got.append(data)
 
         with trio.move_on_after(self.read_timeout) as scope:
-            new = await self.fetcher.fetch(call_id, kind, 0, 1, None, keep)
+            if light:
+                new = await self.fetcher.probe(call_id, kind)
+            else:
+                new = await self.fetcher.fetch(call_id, kind, 0, 1, None, keep)
         if scope.cancelled_caught:
             raise NetworkError(f"{call_id}/{kind}: no answer within {self.read_timeout:g}s")
         await self._adopt(call_id, kind, state, new)

@@ -197,11 +197,14 @@ class Tree:
     def _root_children(self) -> list[Node]:
         return [self._nodes[i] for i in (BY_ASSISTANT_INODE, BY_DATE_INODE, CALLS_INODE)]
 
-    async def _prepare(self, child: Node) -> None:
-        """Learn what the attributes of a remote file need: its version, its decompressed size."""
+    async def _prepare(self, child: Node, light: bool = False) -> None:
+        """Learn what the attributes of a remote file need: its version, its decompressed size.
+
+        `light` learns a size without fetching the file's first block (see store.version).
+        """
         if child.kind is None or child.call_id is None:
             return
-        await self._store.version(child.call_id, child.kind)
+        await self._store.version(child.call_id, child.kind, light=light)
         if child.gunzip:
             await self._gz.size(await self._gz_source(child))
 
@@ -220,9 +223,14 @@ class Tree:
         files = self._files(entry)
         usable: dict[str, bool] = {}
 
+        # `ls -l` of a call wants sizes, not contents: a byte of each recording tells its
+        # size. An artifact behind a decompressed view is fetched whole-block all the same,
+        # for that view's size is in the gzip trailer, in the same (small) file.
+        viewed = {c.kind for c in files.values() if c.gunzip}
+
         async def probe(child: Node) -> None:
             try:
-                await self._prepare(child)
+                await self._prepare(child, light=child.kind not in viewed)
                 usable[child.name] = True
             except VapifsError as exc:
                 log.warning("%s/%s: left out of the listing: %s", node.call_id, child.name, exc)

@@ -218,3 +218,49 @@ def test_an_interrupted_prefetch_resumes_with_what_is_missing(tmp_path: Path) ->
         missing = second["bytes_total"] - second["bytes_already_cached"]
         assert second["bytes_network"] == big.counters()["storage.bytes"] == missing
         assert second["bytes_on_disk"] == second["bytes_total"]
+
+
+def test_prefetch_and_cache_take_the_mounts_settings_from_the_config_file(
+    fake: FakeVapi, tmp_path: Path
+) -> None:
+    # An analyst who set cache-dir and api-url in config.toml warms the cache the mount
+    # reads, without repeating them; mount's own --since (the window) is not prefetch's.
+    cache = tmp_path / "configured-cache"
+    home = tmp_path / "config"
+    (home / "vapifs").mkdir(parents=True)
+    (home / "vapifs" / "config.toml").write_text(
+        f'cache-dir = "{cache}"\napi_url = "{fake.api_url}"\nsince = "1d"\ndir-ttl = 5\n'
+    )
+    env = {**key_env(fake), "XDG_CONFIG_HOME": str(home)}
+    fc = next(fc for fc in fake.calls.values() if "stereo" in fc.artifacts)
+    out = subprocess.run(
+        [*VAPIFS, "prefetch", fc.id, "--artifacts", "stereo", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["bytes_total"] == len(fc.artifacts["stereo"])
+    stats = subprocess.run(
+        [*VAPIFS, "cache", "stats"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert stats.returncode == 0, stats.stderr
+    assert str(cache) in stats.stdout
+    assert sum(f.stat().st_size for f in cache.rglob("*.blk")) >= len(fc.artifacts["stereo"])
+
+    # A flag still beats the file; a bad value in the file is a one-line error.
+    other = tmp_path / "flag-cache"
+    again = subprocess.run(
+        [*VAPIFS, "cache", "stats", "--cache-dir", str(other)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0 and str(other) in again.stdout
+    (home / "vapifs" / "config.toml").write_text('cache-size = "lots"\n')
+    bad = subprocess.run(
+        [*VAPIFS, "prefetch", fc.id, "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -420,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             from .demo.tour import run_demo
 
             return run_demo(args.mountpoint, wait=not args.no_wait, cache_dir=args.cache_dir)
+        if args.command in ("cache", "prefetch"):
+            shared_options(args, argv, parser)
         if args.command == "cache":
             from .cachecmd import run_cache_command
 
@@ -474,6 +476,32 @@ def mount_helper(argv: list[str], parser: argparse.ArgumentParser) -> int:
     except SystemExit as exc:
         code = 1 if exc.code else 0
     return 0 if code == 0 else 1
+
+
+def shared_options(
+    args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser
+) -> None:
+    """Options a command shares with mount (cache dir, API, keys) from env and config file."""
+    from .config import ConfigError, default_config_file, resolve_shared, subparser
+
+    bare = build_parser()
+    for action in subparser(bare, args.command)._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(bare.parse_args(argv))
+    variable = os.environ.get("VAPIFS_CONFIG", "").strip()
+    path = Path(variable or default_config_file()).expanduser()
+    try:
+        resolve_shared(
+            args,
+            subparser(parser, args.command),
+            subparser(parser, "mount"),
+            given,
+            os.environ,
+            path,
+            bool(variable),
+        )
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_mount_configured(

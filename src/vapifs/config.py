@@ -229,6 +229,57 @@ def resolve(
     return settings
 
 
+# Options of mount that other commands also take and must agree on with the mount (the
+# cache it uses, the API it talks to); mount's --since/--until mean something else there.
+_NOT_SHARED = {"since", "until"}
+
+
+def resolve_shared(
+    args: argparse.Namespace,
+    command: argparse.ArgumentParser,
+    mount: argparse.ArgumentParser,
+    given: Iterable[str],
+    environ: Mapping[str, str],
+    path: Path,
+    explicit: bool,
+) -> None:
+    """Fill the options `command` shares with mount from VAPIFS_* and the config file.
+
+    `vapifs prefetch` and `vapifs cache` then work on the cache and API the mount uses when
+    those are set in the environment or config.toml rather than by flags. Keys of the file
+    that only mount takes are left alone (they are checked when mounting).
+    """
+    ours = {a.dest for a in command._actions if a.option_strings}
+    shared = [a for a in options(mount) if a.dest in ours and a.dest not in _NOT_SHARED]
+    if not shared:
+        return
+    table = load(path, explicit)
+    from_file: dict[str, tuple[str, object]] = {}
+    for key, raw in table.items():
+        for action in shared:
+            if _normal(key) in _names(action):
+                from_file[action.dest] = (key, raw)
+    given = set(given)
+    for action in shared:
+        if action.dest in given:
+            continue
+        for variable in env_names(action):
+            text = environ.get(variable, "")
+            if text.strip():
+                try:
+                    setattr(args, action.dest, convert(action, text, split=True))
+                except ValueError as exc:
+                    raise ConfigError(f"{variable}: {exc}") from None
+                break
+        else:
+            if action.dest in from_file:
+                key, raw = from_file[action.dest]
+                try:
+                    setattr(args, action.dest, convert(action, raw, split=False))
+                except ValueError as exc:
+                    raise ConfigError(f"{path}: {key}: {exc}") from None
+
+
 def blame(message: str, settings: Iterable[Setting]) -> str:
     """Add to an error about --some-option where its value came from, when not from a flag."""
     for setting in settings:

@@ -703,3 +703,20 @@ def test_http_connections_read_large_chunks() -> None:
 
     larger_socket_reads()
     assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES >= SOCKET_READ
+
+
+async def test_the_client_keeps_no_cookies() -> None:
+    from vapifs.core import http_client
+
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("cookie"))
+        return httpx.Response(200, headers={"Set-Cookie": "session=abc; Path=/"}, content=b"x")
+
+    transport = httpx.MockTransport(handler)
+    async with http_client(read_timeout=5, stall_timeout=5, transport=transport) as client:
+        for _ in range(2):
+            assert (await client.get("http://storage.test/obj")).content == b"x"
+        assert len(client.cookies) == 0
+    assert seen == [None, None]

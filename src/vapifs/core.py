@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.cookiejar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpcore
 import httpx
@@ -33,8 +35,23 @@ def larger_socket_reads(size: int = SOCKET_READ) -> None:
         conn.READ_NUM_BYTES = size
 
 
+class NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing: neither the API nor a storage host needs cookies, and
+    httpx's cookie handling is a sixth of the time of a small request on a fast link."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def add_cookie_header(self, request: Any) -> None:
+        return None
+
+
 def http_client(
-    *, read_timeout: float, stall_timeout: float, connect_timeout: float = 5.0
+    *,
+    read_timeout: float,
+    stall_timeout: float,
+    connect_timeout: float = 5.0,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """The one HTTP client of a process: API and storage, bounded connections and waits."""
     larger_socket_reads()
@@ -43,7 +60,9 @@ def http_client(
     )
     limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
     headers = {"User-Agent": f"vapifs/{__version__}"}
-    return httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers)
+    return httpx.AsyncClient(
+        timeout=timeout, limits=limits, headers=headers, cookies=NoCookies(), transport=transport
+    )
 
 
 def api_client(client: httpx.AsyncClient, api_url: str, api_key: str) -> VapiClient:

@@ -23,8 +23,6 @@ _UNSATISFIED = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
 # Storage answers that mean "this signed URL is no good any more: ask the API for another".
 _REFUSED = {400, 401, 403, 404, 410}
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
-# Bytes past the wanted end of a 206 body read to keep its connection; more and it is closed.
-_MAX_DRAIN = 1 << 20
 
 Sink = Callable[[int, bytes], Awaitable[None]]  # (block index, block)
 _PieceSink = Callable[[int, bytes], Awaitable[None]]  # (offset, piece)
@@ -266,6 +264,7 @@ class Fetcher:
             encoding = response.headers.get("content-encoding", "identity").strip().lower()
             encoded = encoding not in ("", "identity")
             skip = 0
+            to_the_end = False
             if status == 206:
                 match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
                 if not match or match.group(3) == "*":
@@ -285,6 +284,9 @@ class Fetcher:
                         f"storage sent bytes {r_start}-{r_stop}, not the {pos}-{end - 1} asked"
                     )
                 body_end = r_stop + 1
+                # A body of exactly the range ends with its last byte: reading to its end
+                # costs no wait and puts the connection back in the pool.
+                to_the_end = response.headers.get("content-length") == str(r_stop - r_start + 1)
             elif status == 200:
                 if encoded:
                     raise _Retry(f"storage ignored Range and sent a {encoding}-encoded body")
@@ -308,7 +310,6 @@ class Fetcher:
                 return
             body_end = min(body_end, end)
             pending = _Pieces()
-            extra = 0
             need = state.piece_end(pos, version.size) - pos
             try:
                 # Bytes exactly as stored: never let httpx decode them. For an identity body
@@ -317,12 +318,7 @@ class Fetcher:
                 async for chunk in chunks:
                     self.bytes_received += len(chunk)
                     if pos >= body_end:
-                        # Past what was wanted: a 206 body that ran on, or a whole body.
-                        # Only a short tail is worth reading to keep the connection.
-                        extra += len(chunk)
-                        if status != 206 or extra > _MAX_DRAIN:
-                            break
-                        continue
+                        break  # more than the range (never data) or the rest of a whole body
                     if skip:
                         if len(chunk) <= skip:
                             skip -= len(chunk)
@@ -338,11 +334,11 @@ class Fetcher:
                         pos += need
                         state.pos = pos
                         need = state.piece_end(pos, version.size) - pos
-                    if pos >= body_end and status != 206:
+                    if pos >= body_end and not to_the_end:
                         break
-                # A 206 body is read to its end (usually no more than an empty read) so
-                # that the connection goes back to the pool: a response closed early costs
-                # a new connection for the next request.
+                # Otherwise the body is read to its end, which adds nothing but lets the
+                # connection go back to the pool: a response closed early costs a new
+                # connection (a round trip of its own) for the next request.
             except (httpx.TransportError, httpx.StreamError) as exc:
                 raise _Retry(f"{type(exc).__name__} after {pos} bytes") from None
             if pos < body_end:

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from vapifs.calls import parse_time
+from vapifs.calls import artifact_files, parse_time
 from vapifs.demo.data import extra_call, light_calls
 from vapifs.demo.server import FakeVapi
 
@@ -243,4 +243,72 @@ def test_ten_thousand_calls_list_in_seconds(mount_factory: MountFactory, tmp_pat
         views = time.monotonic() - started
         print(f"ls calls: {first:.2f}s; by-date walk: {views:.2f}s")
         assert first < 5.0
+        m.stop()
+
+
+def probed_calls(fake: FakeVapi) -> set[str]:
+    """Calls whose artifacts storage was asked for since the counters were reset."""
+    return {
+        key.split(":", 1)[1].split("/")[0]
+        for key, n in fake.counters().items()
+        if key.startswith("storage.get:") and n
+    }
+
+
+def test_a_walk_over_call_directories_learns_the_next_ones_ahead(
+    mount_factory: MountFactory, tmp_path: Path
+) -> None:
+    from vapifs.demo.data import generate_calls
+    from vapifs.tree import SCAN_AHEAD, SCAN_DIRS
+
+    with FakeVapi(generate_calls(count=48, seed=3)) as fake:
+        m = mount_factory(cache_dir=tmp_path / "walk", server=fake, name="walk")
+        ids = sorted(os.listdir(m.calls))  # the order of `ls -l calls/*/`
+        with_artifacts = {i for i in ids if fake.calls[i].artifacts}
+        assert len(ids) > SCAN_DIRS + SCAN_AHEAD
+        fake.reset_counters()
+        for call_id in ids[:SCAN_DIRS]:
+            os.listdir(m.calls / call_id)
+        ahead = set(ids[SCAN_DIRS : SCAN_DIRS + SCAN_AHEAD]) & with_artifacts
+        deadline = time.monotonic() + 10
+        while not ahead <= probed_calls(fake) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ahead <= probed_calls(fake)
+        settled = -1
+        while fake.counters()["storage.requests"] != settled:  # the last calls finish
+            settled = fake.counters()["storage.requests"]
+            time.sleep(0.5)
+        # Only so far ahead, and one byte per recording (logs whole: their view needs them).
+        assert not probed_calls(fake) & set(ids[SCAN_DIRS + SCAN_AHEAD :])
+        walked = ids[: SCAN_DIRS + SCAN_AHEAD]
+        recordings = sum(
+            len(data)
+            for i in walked
+            for kind, data in fake.calls[i].artifacts.items()
+            if kind != "logs"
+        )
+        logs = sum(len(fake.calls[i].artifacts.get("logs", b"")) for i in walked)
+        assert fake.counters()["storage.bytes"] <= logs + recordings // 100
+        # The walk then finds them known: exact sizes, no further request for them.
+        fake.reset_counters()
+        for call_id in ids[SCAN_DIRS : SCAN_DIRS + 8]:
+            assert set(artifact_files(fake.calls[call_id].call)) <= set(
+                os.listdir(m.calls / call_id)
+            )
+            for name, kind in artifact_files(fake.calls[call_id].call).items():
+                size = os.stat(m.calls / call_id / name).st_size
+                assert size == len(fake.calls[call_id].artifacts[kind])
+        assert not probed_calls(fake) & set(ids[SCAN_DIRS : SCAN_DIRS + 8])
+        m.stop()
+
+    # Directories listed out of any order start nothing in the background.
+    with FakeVapi(generate_calls(count=48, seed=3)) as fake:
+        m = mount_factory(cache_dir=tmp_path / "no-walk", server=fake, name="nowalk")
+        ids = sorted(os.listdir(m.calls))
+        fake.reset_counters()
+        picked = [ids[0], ids[9], ids[3], ids[20], ids[14]]
+        for call_id in picked:
+            os.listdir(m.calls / call_id)
+        time.sleep(1.0)
+        assert probed_calls(fake) <= set(picked)
         m.stop()

@@ -239,6 +239,7 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                 timezone=ZoneInfo(opts.timezone),
                 dir_ttl=opts.dir_ttl,
                 gz=GzipViews(core.meta, nursery=nursery),
+                nursery=nursery,
             )
             kernel_options, owner = fuse_options(opts)
             ops = Operations(

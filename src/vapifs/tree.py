@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -33,6 +34,15 @@ DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,254}$")
 # The two views over the window: directory name -> view.
 VIEWS = {"by-date": "date", "by-assistant": "assistant"}
+# A program that walks call directories one after another in the order of a listing or of a
+# shell's glob (`ls -l calls/*/`, `du`, `find -size`, the same in a by-date or by-assistant
+# directory) gets the next ones' attributes learnt ahead of it, a few calls at a time, one
+# byte per recording: otherwise each directory costs it a round trip of its own. A walk is
+# SCAN_DIRS directories, each the next one in the same order, all listed within SCAN_SECONDS.
+SCAN_DIRS = 4
+SCAN_SECONDS = 2.0
+SCAN_AHEAD = 32  # calls
+SCAN_PARALLEL = 4  # calls at once, one request at a time each
 
 
 @dataclass
@@ -99,6 +109,29 @@ def _iso_ms(ts: float) -> str:
     return C.format_time(ms // 1000)[:-4] + f"{ms % 1000:03d}Z"
 
 
+@dataclass
+class _Order:
+    """Call ids in an order a program may walk them, and how far ahead they are sized."""
+
+    source: list[str]  # the list this order was made from (rebuilt when it is replaced)
+    ids: list[str]
+    position: dict[str, int] = field(default_factory=dict)
+    ahead: int = 0  # ids[:ahead] have been sized, or are being
+
+    def __post_init__(self) -> None:
+        self.position = {call_id: i for i, call_id in enumerate(self.ids)}
+
+
+def _light(child: Node, files: dict[str, Node]) -> bool:
+    """Whether a listing learns this file's size from one byte rather than its first block.
+
+    `ls -l` of a call wants sizes, not contents. An artifact behind a decompressed view is
+    fetched whole-block all the same: that view's size is in the gzip trailer of the same,
+    small, file.
+    """
+    return not any(c.gunzip and c.kind == child.kind for c in files.values())
+
+
 class Tree:
     """Names to nodes and nodes to bytes, without any FUSE in sight."""
 
@@ -116,6 +149,7 @@ class Tree:
         dir_ttl: float = 60.0,
         gz: GzipViews | None = None,
         wall_clock: Callable[[], float] = time.time,
+        nursery: trio.Nursery | None = None,
     ) -> None:
         self._api = api
         self._store = store
@@ -157,6 +191,10 @@ class Tree:
         self._list_lock = trio.Lock()
         store.on_version_change = self._version_changed
         self.on_invalidate: Callable[[int], None] | None = None
+        self._nursery = nursery  # for background work; without one, none is done
+        self._walk: list[tuple[float, str]] = []  # recently listed call directories
+        self._orders: dict[tuple[str, str], _Order] = {}  # walkable orders, by (list, how)
+        self._ahead_limiter = trio.CapacityLimiter(SCAN_PARALLEL)
 
     # -- nodes ---------------------------------------------------------------------------
 
@@ -219,18 +257,14 @@ class Tree:
             return await self._group_children(node)
         if node.call_id is None:
             return []
+        self._note_walk(node.call_id)
         entry = await self._call(node.call_id)
         files = self._files(entry)
         usable: dict[str, bool] = {}
 
-        # `ls -l` of a call wants sizes, not contents: a byte of each recording tells its
-        # size. An artifact behind a decompressed view is fetched whole-block all the same,
-        # for that view's size is in the gzip trailer, in the same (small) file.
-        viewed = {c.kind for c in files.values() if c.gunzip}
-
         async def probe(child: Node) -> None:
             try:
-                await self._prepare(child, light=child.kind not in viewed)
+                await self._prepare(child, light=_light(child, files))
                 usable[child.name] = True
             except VapifsError as exc:
                 log.warning("%s/%s: left out of the listing: %s", node.call_id, child.name, exc)
@@ -242,6 +276,65 @@ class Tree:
                 else:
                     nursery.start_soon(probe, child)
         return [c for c in files.values() if usable.get(c.name)]
+
+    def _note_walk(self, call_id: str) -> None:
+        """Remember a listed call directory; when it continues a walk, size ahead of it."""
+        if self._nursery is None:
+            return
+        now = trio.current_time()
+        walk = [(t, c) for t, c in self._walk if now - t < SCAN_SECONDS and c != call_id]
+        walk.append((now, call_id))
+        self._walk = walk = walk[-SCAN_DIRS:]
+        if len(walk) < SCAN_DIRS:
+            return
+        ids = [c for _, c in walk]
+        for order in self._walk_orders(call_id):
+            if not all(c in order.position for c in ids):
+                continue
+            at = [order.position[c] for c in ids]
+            if any(b != a + 1 for a, b in itertools.pairwise(at)):
+                continue
+            here = at[-1]
+            stop = min(here + 1 + SCAN_AHEAD, len(order.ids))
+            start = max(here + 1, order.ahead)
+            if stop - start >= SCAN_AHEAD // 2 or (stop == len(order.ids) and start < stop):
+                order.ahead = stop
+                for ahead in order.ids[start:stop]:
+                    self._nursery.start_soon(self._size_call, ahead)
+            return
+
+    def _walk_orders(self, call_id: str) -> list[_Order]:
+        """The orders a walk over `call_id` may follow: calls/, its day, its assistant,
+        each as listed (newest first) and as a shell's glob sorts names."""
+        lists: list[tuple[str, list[str]]] = [("calls", self._window_ids)]
+        created = self._window_created.get(call_id)
+        if created is not None:
+            day = datetime.fromtimestamp(created, self.timezone).strftime("%Y-%m-%d")
+            lists.append((f"date/{day}", self._groups["date"].get(day, [])))
+        assistant = self._window_assistant.get(call_id)
+        if assistant:
+            lists.append((f"assistant/{assistant}", self._groups["assistant"].get(assistant, [])))
+        orders = []
+        for name, ids in lists:
+            for how in ("listed", "sorted"):
+                order = self._orders.get((name, how))
+                if order is None or order.source is not ids:
+                    order = _Order(ids, sorted(ids) if how == "sorted" else list(ids))
+                    self._orders[(name, how)] = order
+                orders.append(order)
+        return orders
+
+    async def _size_call(self, call_id: str) -> None:
+        """Learn the attributes of a call's files ahead of a walk; failures are the walk's to
+        meet (and report) when it gets there."""
+        async with self._ahead_limiter:
+            try:
+                files = self._files(await self._call(call_id))
+                for child in files.values():
+                    if child.kind is not None:
+                        await self._prepare(child, light=_light(child, files))
+            except VapifsError as exc:
+                log.debug("%s: attributes ahead of a walk: %s", call_id, exc)
 
     def size(self, node: Node) -> int:
         """Size for attributes; remote files must have been looked up (version known)."""

@@ -244,10 +244,12 @@ class _Handler(BaseHTTPRequestHandler):
         if storage:
             roll = owner._roll()
             if roll < knobs.cut_rate:
+                owner._count("fault.cut")
                 self._write(view[: len(view) // 2], storage)
                 self._drop()
                 return
             if roll < knobs.cut_rate + knobs.stall_rate:
+                owner._count("fault.stall")
                 self.wfile.flush()
                 if owner._halt.wait(knobs.stall_seconds):
                     self._drop()
@@ -297,9 +299,11 @@ class _ApiHandler(_Handler):
             return
         roll = owner._roll()
         if roll < knobs.api_500_rate:
+            owner._count("fault.api_500")
             self._send(500, _error(500, "Internal Server Error", "Internal server error"))
             return
         if roll < knobs.api_500_rate + knobs.api_429_rate:
+            owner._count("fault.api_429")
             headers: tuple[tuple[str, str], ...] = ()
             if knobs.retry_after is not None:
                 headers = (("Retry-After", f"{knobs.retry_after:g}"),)

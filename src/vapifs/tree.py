@@ -195,6 +195,7 @@ class Tree:
         self._walk: list[tuple[float, str]] = []  # recently listed call directories
         self._orders: dict[tuple[str, str], _Order] = {}  # walkable orders, by (list, how)
         self._ahead_limiter = trio.CapacityLimiter(SCAN_PARALLEL)
+        self._save_lock = trio.Lock()  # listings are stored one after the other, in order
 
     # -- nodes ---------------------------------------------------------------------------
 
@@ -670,18 +671,29 @@ class Tree:
             self._window_assistant = {i: self._window_assistant.get(i) for i in self._window_ids}
             await self._regroup()
             self._listed_at = now
-            await self._persist_calls(installed)
             listing = {
                 "listed_at": now,
                 "from": self._listed_from,
                 "filter": self._filter(),
-                "newest": self._newest,
+                "newest": dict(self._newest),
                 "calls": [
                     [i, self._window_created[i], self._window_assistant[i]]
                     for i in self._window_ids
                 ],
             }
-            await trio.to_thread.run_sync(self._meta.put, "listing", "calls", listing)
+            if self._nursery is not None:
+                # The listing is answered now; storing 10,000 call objects can take seconds.
+                self._nursery.start_soon(self._save_window, installed, listing)
+            else:
+                await self._save_window(installed, listing)
+
+    async def _save_window(self, installed: list[_Call], listing: dict[str, Any]) -> None:
+        """Store new call objects, then the listing that names them, in the order asked;
+        an unmount waits for it, so that the next mount finds them offline."""
+        with trio.CancelScope(shield=True):
+            async with self._save_lock:
+                await self._persist_calls(installed)
+                await trio.to_thread.run_sync(self._meta.put, "listing", "calls", listing)
 
     async def _load_listing(self) -> None:
         """The listing a previous mount remembered, when it covers this mount's window."""

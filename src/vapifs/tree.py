@@ -42,7 +42,7 @@ VIEWS = {"by-date": "date", "by-assistant": "assistant"}
 SCAN_DIRS = 4
 SCAN_SECONDS = 2.0
 SCAN_AHEAD = 32  # calls
-SCAN_PARALLEL = 4  # calls at once, one request at a time each
+SCAN_PARALLEL = 8  # calls at once, one request at a time each
 
 
 @dataclass

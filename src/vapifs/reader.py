@@ -515,7 +515,10 @@ class ArtifactStore:
             state = self._artifacts.get((call_id, kind))
             if state is not None and state.version is not None and state.version != version:
                 continue  # superseded while queued: never store an old version's block
-            await trio.to_thread.run_sync(self.cache.put, call_id, kind, version, index, data)
+            try:
+                await trio.to_thread.run_sync(self.cache.put, call_id, kind, version, index, data)
+            except Exception:  # a bug here must not stop every later block being stored
+                log.exception("%s/%s: cannot store block %d", call_id, kind, index)
 
     # -- read-ahead ----------------------------------------------------------------------
 

@@ -336,6 +336,8 @@ class Tree:
                         await self._prepare(child, light=_light(child, files))
             except VapifsError as exc:
                 log.debug("%s: attributes ahead of a walk: %s", call_id, exc)
+            except Exception:  # background work must never take the mount down
+                log.exception("%s: attributes ahead of a walk", call_id)
 
     def size(self, node: Node) -> int:
         """Size for attributes; remote files must have been looked up (version known)."""
@@ -692,8 +694,11 @@ class Tree:
         an unmount waits for it, so that the next mount finds them offline."""
         with trio.CancelScope(shield=True):
             async with self._save_lock:
-                await self._persist_calls(installed)
-                await trio.to_thread.run_sync(self._meta.put, "listing", "calls", listing)
+                try:
+                    await self._persist_calls(installed)
+                    await trio.to_thread.run_sync(self._meta.put, "listing", "calls", listing)
+                except Exception:  # background work must never take the mount down
+                    log.exception("calls: cannot store the listing")
 
     async def _load_listing(self) -> None:
         """The listing a previous mount remembered, when it covers this mount's window."""

@@ -337,3 +337,30 @@ def test_missing_mountpoint_is_exit_1(fake: FakeVapi, tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "does not exist" in result.stderr
+
+
+def test_demo_mounts_the_fake_shows_the_tour_and_unmounts(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "vapi-demo"
+    out = subprocess.run(
+        [*VAPIFS, "demo", str(mountpoint), "--no-wait", "--cache-dir", str(tmp_path / "cache")],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for expected in (
+        "is mounted on",
+        "calls of the last 14 days",
+        "stereo.wav: 2 channels",
+        "ffprobe ",
+        "$ zgrep -c level calls/",
+        "$ grep -c WARN calls/",
+        '"level":"ERROR"',
+        "signed URLs removed",
+        "unmounted",
+    ):
+        assert expected in text, f"{expected!r} not in the tour:\n{text}"
+    assert "Signature" not in text and "expires=" not in text.lower()
+    assert not os.path.ismount(mountpoint)

@@ -37,7 +37,8 @@ def _say(out: IO[str], text: str = "") -> None:
 
 
 def _run(out: IO[str], command: list[str], cwd: Path) -> None:
-    _say(out, "  $ " + " ".join(command))
+    shown = command[2] if command[:2] == ["sh", "-c"] else " ".join(command)
+    _say(out, "  $ " + shown)
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
     for line in (result.stdout + result.stderr).rstrip("\n").splitlines()[:12]:
         _say(out, "    " + line)
@@ -48,7 +49,11 @@ def tour(mountpoint: Path, out: IO[str] = sys.stdout) -> None:
     calls = sorted((mountpoint / "calls").iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
     _say(out, f"\n{len(calls)} calls of the last 14 days under {mountpoint}/calls/, newest first:")
     _run(out, ["ls", "calls"], mountpoint)
-    sample = next((c for c in calls if (c / "stereo.wav").exists()), calls[0])
+    both = ("stereo.wav", "call-logs.jsonl.gz")
+    sample = next(
+        (c for c in calls if all((c / n).exists() for n in both)),
+        next((c for c in calls if (c / "stereo.wav").exists()), calls[0]),
+    )
     rel = sample.relative_to(mountpoint)
     _say(out, "\nOne call, as ordinary files (sizes are real before any read):")
     _run(out, ["ls", "-l", str(rel)], mountpoint)
@@ -67,8 +72,9 @@ def tour(mountpoint: Path, out: IO[str] = sys.stdout) -> None:
         _say(out, f"    audacity {mountpoint}/{rel}/stereo.wav")
     logs = sample / "call-logs.jsonl.gz"
     if logs.exists():
-        _say(out, "\nSearch the call logs in place:")
-        _run(out, ["zgrep", "-c", "ERROR", f"{rel}/call-logs.jsonl.gz"], mountpoint)
+        _say(out, "\nSearch the call logs in place, compressed or as plain text:")
+        _run(out, ["zgrep", "-c", "level", f"{rel}/call-logs.jsonl.gz"], mountpoint)
+        _run(out, ["grep", "-c", "WARN", f"{rel}/call-logs.jsonl"], mountpoint)
         _run(out, ["sh", "-c", "zgrep -h ERROR calls/*/call-logs.jsonl.gz | head -n 3"], mountpoint)
     _say(out, "\nThe call object itself (signed URLs removed):")
     _run(out, ["head", "-n", "8", f"{rel}/call.json"], mountpoint)

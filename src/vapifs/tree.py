@@ -195,7 +195,9 @@ class Tree:
         self._walk: list[tuple[float, str]] = []  # recently listed call directories
         self._orders: dict[tuple[str, str], _Order] = {}  # walkable orders, by (list, how)
         self._ahead_limiter = trio.CapacityLimiter(SCAN_PARALLEL)
-        self._save_lock = trio.Lock()  # listings are stored one after the other, in order
+        self._save_lock = trio.Lock()  # listings are stored one after the other
+        self._listings_made = 0  # listings made, and the newest of them stored
+        self._listing_stored = 0
 
     # -- nodes ---------------------------------------------------------------------------
 
@@ -683,20 +685,25 @@ class Tree:
                     for i in self._window_ids
                 ],
             }
+            self._listings_made += 1
             if self._nursery is not None:
                 # The listing is answered now; storing 10,000 call objects can take seconds.
-                self._nursery.start_soon(self._save_window, installed, listing)
+                self._nursery.start_soon(self._save_window, installed, listing, self._listings_made)
             else:
-                await self._save_window(installed, listing)
+                await self._save_window(installed, listing, self._listings_made)
 
-    async def _save_window(self, installed: list[_Call], listing: dict[str, Any]) -> None:
-        """Store new call objects, then the listing that names them, in the order asked;
-        an unmount waits for it, so that the next mount finds them offline."""
+    async def _save_window(
+        self, installed: list[_Call], listing: dict[str, Any], number: int
+    ) -> None:
+        """Store new call objects, then the listing that names them (unless a newer one was
+        stored first); an unmount waits for it, so that the next mount finds them offline."""
         with trio.CancelScope(shield=True):
             async with self._save_lock:
                 try:
                     await self._persist_calls(installed)
-                    await trio.to_thread.run_sync(self._meta.put, "listing", "calls", listing)
+                    if number > self._listing_stored:
+                        await trio.to_thread.run_sync(self._meta.put, "listing", "calls", listing)
+                        self._listing_stored = number
                 except Exception:  # background work must never take the mount down
                     log.exception("calls: cannot store the listing")
 

@@ -177,6 +177,18 @@ def random_reads(path: Path, offsets: list[int], size: int) -> float:
     return time.perf_counter() - t0
 
 
+def available_memory() -> int:
+    """Bytes of memory available (MemAvailable), 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def vm_hwm_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -225,15 +237,16 @@ class Bench:
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True)
         (self.run_dir / "mnt").mkdir()
-        if self.args.touch_memory_gib > 0:
-            # A virtual machine may back its memory lazily: the first use of each page then
-            # costs a fault in the host (seen here: ~300 MB/s), which would slow down whatever
-            # measure happens to allocate fresh page cache first. Touch it once, up front.
+        # A virtual machine may back its memory lazily: the first use of each page then costs
+        # a fault in the host (seen here: ~300 MB/s), which would slow down whatever measure
+        # happens to allocate fresh page cache first. Touch it once, up front (never more
+        # than a third of the memory available).
+        gib = min(self.args.touch_memory_gib, available_memory() // (3 * GiB))
+        if gib > 0:
             t0 = time.monotonic()
-            held = [b"\x01" * GiB for _ in range(self.args.touch_memory_gib)]  # all at once
+            held = [b"\x01" * GiB for _ in range(gib)]  # all at once
             del held
-            took = time.monotonic() - t0
-            log(f"touched {self.args.touch_memory_gib} GiB of memory in {took:.1f}s")
+            log(f"touched {gib} GiB of memory in {time.monotonic() - t0:.1f}s")
         log(f"files in {self.data_dir} (created once, reused)")
         t0 = time.monotonic()
         self.files = ensure_files(self.data_dir, self.args.big_mib * MiB, self.args.huge_mib * MiB)

@@ -13,8 +13,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from vapifs.calls import artifact_files, parse_time
-from vapifs.demo.data import extra_call, light_calls
+from vapifs.demo.data import extra_call, generate_calls, light_calls
 from vapifs.demo.server import FakeVapi
+from vapifs.tree import SCAN_AHEAD, SCAN_DIRS
 
 from .conftest import MountFactory
 
@@ -258,9 +259,6 @@ def probed_calls(fake: FakeVapi) -> set[str]:
 def test_a_walk_over_call_directories_learns_the_next_ones_ahead(
     mount_factory: MountFactory, tmp_path: Path
 ) -> None:
-    from vapifs.demo.data import generate_calls
-    from vapifs.tree import SCAN_AHEAD, SCAN_DIRS
-
     with FakeVapi(generate_calls(count=48, seed=3)) as fake:
         m = mount_factory(cache_dir=tmp_path / "walk", server=fake, name="walk")
         ids = sorted(os.listdir(m.calls))  # the order of `ls -l calls/*/`

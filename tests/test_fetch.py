@@ -7,13 +7,14 @@ import random
 import re
 from collections.abc import AsyncIterator, Callable
 
+import httpcore
 import httpx
 import pytest
 import trio
 
 from vapifs.api import VapiClient
 from vapifs.cache import Version
-from vapifs.core import SOCKET_READ, larger_socket_reads
+from vapifs.core import SOCKET_READ, http_client, larger_socket_reads
 from vapifs.errors import KeyRejected, NetworkError, VersionChanged
 from vapifs.fetch import Fetcher, _Pieces
 from vapifs.resolver import Resolver
@@ -699,15 +700,11 @@ def test_pieces_cut_from_chunks_of_any_size_are_exact(seed: int) -> None:
 
 
 def test_http_connections_read_large_chunks() -> None:
-    import httpcore
-
     larger_socket_reads()
     assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES >= SOCKET_READ
 
 
 async def test_the_client_keeps_no_cookies() -> None:
-    from vapifs.core import http_client
-
     seen: list[str | None] = []
 
     def handler(request: httpx.Request) -> httpx.Response:

@@ -73,8 +73,8 @@ def tour(mountpoint: Path, out: IO[str] = sys.stdout) -> None:
     logs = sample / "call-logs.jsonl.gz"
     if logs.exists():
         _say(out, "\nSearch the call logs in place, compressed or as plain text:")
-        _run(out, ["zgrep", "-c", "level", f"{rel}/call-logs.jsonl.gz"], mountpoint)
-        _run(out, ["grep", "-c", "WARN", f"{rel}/call-logs.jsonl"], mountpoint)
+        _run(out, ["zgrep", "-c", "WARN", f"{rel}/call-logs.jsonl.gz"], mountpoint)
+        _run(out, ["grep", "-c", "INFO", f"{rel}/call-logs.jsonl"], mountpoint)
         _run(out, ["sh", "-c", "zgrep -h ERROR calls/*/call-logs.jsonl.gz | head -n 3"], mountpoint)
     _say(out, "\nThe call object itself (signed URLs removed):")
     _run(out, ["head", "-n", "8", f"{rel}/call.json"], mountpoint)

@@ -310,3 +310,25 @@ def test_a_walk_over_call_directories_learns_the_next_ones_ahead(
         time.sleep(1.0)
         assert probed_calls(fake) <= set(picked)
         m.stop()
+
+
+def test_a_walk_inside_one_assistant_sizes_that_assistants_calls_only(
+    mount_factory: MountFactory, tmp_path: Path
+) -> None:
+    with FakeVapi(generate_calls(count=48, seed=3)) as fake:
+        m = mount_factory(cache_dir=tmp_path / "walk", server=fake, name="walk")
+        os.listdir(m.calls)
+        group = max((m.mountpoint / "by-assistant").iterdir(), key=lambda d: len(os.listdir(d)))
+        ids = sorted(os.listdir(group))  # `ls -l by-assistant/<id>/*/`
+        assert len(ids) > SCAN_DIRS + 4
+        fake.reset_counters()
+        for call_id in ids[:SCAN_DIRS]:
+            os.listdir(group / call_id)  # through the symlink, into calls/<id>/
+        ahead = set(ids[SCAN_DIRS:]) & {i for i in ids if fake.calls[i].artifacts}
+        deadline = time.monotonic() + 10
+        while not ahead <= probed_calls(fake) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ahead <= probed_calls(fake)
+        time.sleep(0.5)
+        assert probed_calls(fake) <= set(ids), "sized calls of other assistants"
+        m.stop()

@@ -68,6 +68,27 @@ def test_on_a_fast_link_seeks_never_start_a_background_fill(
         m.stop()
 
 
+def test_one_slow_seek_on_a_fast_link_starts_no_background_fill(
+    mount_factory: MountFactory,
+) -> None:
+    with FakeVapi(seed=16, big_stereo_mb=48) as fake:
+        m = mount_factory(server=fake, name="oneslow")
+        call_id, data = big_call(fake)
+        rng = random.Random(9)
+        with open(m.calls / call_id / "stereo.wav", "rb", buffering=0) as f:
+            assert f.read(4 * KIB) == data[: 4 * KIB]
+            fake.reset_counters()
+            for i in range(12):
+                # The first seek is slow (say, a new connection far away); the rest are not.
+                fake.set_knobs(stall_rate=1.0 if i == 0 else 0.0, stall_seconds=0.08)
+                offset = rng.randrange(0, len(data) - 64 * KIB)
+                f.seek(offset)
+                assert f.read(64 * KIB) == data[offset : offset + 64 * KIB]
+            time.sleep(0.5)
+        assert fake.counters()["storage.bytes"] < 12 * 512 * KIB
+        m.stop()
+
+
 def test_seeks_fetch_only_what_they_read(mount_factory: MountFactory) -> None:
     with FakeVapi(seed=12, big_stereo_mb=48) as fake:
         m = mount_factory(server=fake, name="seek")

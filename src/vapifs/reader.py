@@ -52,7 +52,9 @@ class Stream:
     ahead_until: int = 0  # read-ahead has been started for blocks below this index
     version: str | None = None  # token of the version this open file has served bytes of
     jumps: int = 0  # seeks to spots nothing had fetched
-    seek_seconds: float = 0.0  # how long such a seek took to answer (moving average)
+    # How long the latest such seeks took to answer: the quickest of them tells the link's
+    # round trip (the first one also paid for a connection, or for resolving a URL).
+    seek_seconds: list[float] = field(default_factory=list)
     fill: trio.CancelScope | None = None  # the background download of the whole file
 
     def close(self) -> None:
@@ -303,9 +305,7 @@ class ArtifactStore:
                 started = trio.current_time()
                 data = await self.fetcher.fetch_bytes(call_id, kind, offset, end, version)
                 took = trio.current_time() - started
-                stream.seek_seconds = (
-                    took if stream.jumps == 1 else (0.7 * stream.seek_seconds + 0.3 * took)
-                )
+                stream.seek_seconds = [*stream.seek_seconds, took][-FILL_AFTER_JUMPS:]
                 self._maybe_fill(call_id, kind, version, stream)
                 self.stats.bytes_from_network += len(data)
                 return data
@@ -526,7 +526,7 @@ class ArtifactStore:
         if (
             stream.fill is None
             and stream.jumps >= FILL_AFTER_JUMPS
-            and stream.seek_seconds >= FILL_MIN_SEEK_SECONDS
+            and min(stream.seek_seconds, default=0.0) >= FILL_MIN_SEEK_SECONDS
             and version.size <= FILL_MAX_BYTES
         ):
             stream.fill = trio.CancelScope()

@@ -478,18 +478,34 @@ def mount_helper(argv: list[str], parser: argparse.ArgumentParser) -> int:
     return 0 if code == 0 else 1
 
 
+def flags_given(argv: list[str], command: str) -> set[str]:
+    """The options `command` was given on its command line (parsed again with no defaults)."""
+    from .config import subparser
+
+    bare = build_parser()
+    for action in subparser(bare, command)._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv)))
+
+
+def config_file(flag: Path | None) -> tuple[Path, bool]:
+    """The config file to read (--config, else $VAPIFS_CONFIG, else the default) and whether
+    it was named explicitly (then it must exist)."""
+    from .config import default_config_file
+
+    variable = os.environ.get("VAPIFS_CONFIG", "").strip()
+    path = flag or Path(variable or default_config_file())
+    return path.expanduser(), flag is not None or bool(variable)
+
+
 def shared_options(
     args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser
 ) -> None:
     """Options a command shares with mount (cache dir, API, keys) from env and config file."""
-    from .config import ConfigError, default_config_file, resolve_shared, subparser
+    from .config import ConfigError, resolve_shared, subparser
 
-    bare = build_parser()
-    for action in subparser(bare, args.command)._actions:
-        action.default = argparse.SUPPRESS
-    given = vars(bare.parse_args(argv))
-    variable = os.environ.get("VAPIFS_CONFIG", "").strip()
-    path = Path(variable or default_config_file()).expanduser()
+    given = flags_given(argv, args.command)
+    path, explicit = config_file(None)
     try:
         resolve_shared(
             args,
@@ -498,7 +514,7 @@ def shared_options(
             given,
             os.environ,
             path,
-            bool(variable),
+            explicit,
         )
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
@@ -508,16 +524,10 @@ def cmd_mount_configured(
     args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser
 ) -> int:
     """cmd_mount after VAPIFS_* variables and the config file filled what flags left unset."""
-    from .config import ConfigError, blame, default_config_file, print_config, resolve, subparser
+    from .config import ConfigError, blame, print_config, resolve, subparser
 
-    # Which options were given: parse again with no defaults, so that only flags remain.
-    bare = build_parser()
-    for action in subparser(bare, "mount")._actions:
-        action.default = argparse.SUPPRESS
-    given = vars(bare.parse_args(argv))
-    variable = os.environ.get("VAPIFS_CONFIG", "").strip()
-    explicit = args.config is not None or bool(variable)
-    path = (args.config or Path(variable or default_config_file())).expanduser()
+    given = flags_given(argv, "mount")
+    path, explicit = config_file(args.config)
     try:
         settings = resolve(args, subparser(parser, "mount"), given, os.environ, path, explicit)
     except ConfigError as exc:

@@ -199,34 +199,39 @@ def resolve(
             raise ConfigError(f"{path}: {key} and {from_file[action.dest][0]} set the same option")
         from_file[action.dest] = (key, raw)
     given = set(given)
-    settings = []
-    for action in actions:
-        name = name_of(action)
-        source = "default"
-        if action.dest in given:
-            source = "flag"
-        else:
-            for variable in env_names(action):
-                text = environ.get(variable, "")
-                if text.strip():
-                    try:
-                        value = convert(action, text, split=True)
-                    except ValueError as exc:
-                        raise ConfigError(f"{variable}: {exc}") from None
-                    setattr(args, action.dest, value)
-                    source = f"env {variable}"
-                    break
-            else:
-                if action.dest in from_file:
-                    key, raw = from_file[action.dest]
-                    try:
-                        value = convert(action, raw, split=False)
-                    except ValueError as exc:
-                        raise ConfigError(f"{path}: {key}: {exc}") from None
-                    setattr(args, action.dest, value)
-                    source = f"file {path}"
-        settings.append(Setting(action, name, source))
-    return settings
+    return [
+        Setting(action, name_of(action), _fill(args, action, given, environ, from_file, path))
+        for action in actions
+    ]
+
+
+def _fill(
+    args: argparse.Namespace,
+    action: argparse.Action,
+    given: set[str],
+    environ: Mapping[str, str],
+    from_file: Mapping[str, tuple[str, object]],
+    path: Path,
+) -> str:
+    """Set one option by precedence (flag > env > file > default); say where it came from."""
+    if action.dest in given:
+        return "flag"
+    for variable in env_names(action):
+        text = environ.get(variable, "")
+        if text.strip():
+            try:
+                setattr(args, action.dest, convert(action, text, split=True))
+            except ValueError as exc:
+                raise ConfigError(f"{variable}: {exc}") from None
+            return f"env {variable}"
+    if action.dest in from_file:
+        key, raw = from_file[action.dest]
+        try:
+            setattr(args, action.dest, convert(action, raw, split=False))
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {key}: {exc}") from None
+        return f"file {path}"
+    return "default"
 
 
 # Options of mount that other commands also take and must agree on with the mount (the
@@ -261,23 +266,7 @@ def resolve_shared(
                 from_file[action.dest] = (key, raw)
     given = set(given)
     for action in shared:
-        if action.dest in given:
-            continue
-        for variable in env_names(action):
-            text = environ.get(variable, "")
-            if text.strip():
-                try:
-                    setattr(args, action.dest, convert(action, text, split=True))
-                except ValueError as exc:
-                    raise ConfigError(f"{variable}: {exc}") from None
-                break
-        else:
-            if action.dest in from_file:
-                key, raw = from_file[action.dest]
-                try:
-                    setattr(args, action.dest, convert(action, raw, split=False))
-                except ValueError as exc:
-                    raise ConfigError(f"{path}: {key}: {exc}") from None
+        _fill(args, action, given, environ, from_file, path)
 
 
 def blame(message: str, settings: Iterable[Setting]) -> str:

@@ -312,7 +312,7 @@ class Tree:
         lists: list[tuple[str, list[str]]] = [("calls", self._window_ids)]
         created = self._window_created.get(call_id)
         if created is not None:
-            day = datetime.fromtimestamp(created, self.timezone).strftime("%Y-%m-%d")
+            day = _day(created, self.timezone)
             lists.append((f"date/{day}", self._groups["date"].get(day, [])))
         assistant = self._window_assistant.get(call_id)
         if assistant:
@@ -773,6 +773,11 @@ def _sift(
     return out, oldest
 
 
+def _day(created: float, zone: tzinfo) -> str:
+    """The by-date directory of a call created at `created`."""
+    return datetime.fromtimestamp(created, zone).strftime("%Y-%m-%d")
+
+
 def _group(
     ids: list[str], created: dict[str, float], assistant: dict[str, str | None], zone: tzinfo
 ) -> dict[str, dict[str, list[str]]]:
@@ -780,7 +785,7 @@ def _group(
     days: dict[str, list[str]] = {}
     assistants: dict[str, list[str]] = {}
     for call_id in ids:
-        day = datetime.fromtimestamp(created[call_id], zone).strftime("%Y-%m-%d")
+        day = _day(created[call_id], zone)
         days.setdefault(day, []).append(call_id)
         name = assistant.get(call_id)
         if name is not None and _GROUP_NAME_RE.match(name):

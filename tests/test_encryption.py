@@ -24,7 +24,8 @@ from vapifs.cache import (
     stored_format,
 )
 from vapifs.calls import artifact_files
-from vapifs.crypto import CacheKeyError, Cipher, default_key_file, load_key
+from vapifs.crypto import CacheKeyError, Cipher, load_key
+from vapifs.defaults import default_key_file
 from vapifs.demo.server import FakeVapi
 
 from .conftest import VAPIFS, Mount, MountFactory, force_unmount

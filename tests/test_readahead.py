@@ -140,6 +140,11 @@ def test_closing_the_file_stops_the_background_fill(mount_factory: MountFactory)
             for _ in range(6):
                 offset = rng.randrange(0, len(data) - 64 * KIB)
                 assert os.pread(fd, 64 * KIB, offset) == data[offset : offset + 64 * KIB]
+            # The seeks alone read well under 8 MiB: more than that is the fill at work.
+            deadline = time.monotonic() + 20
+            while fake.counters()["storage.bytes"] < 24 * MIB and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert fake.counters()["storage.bytes"] >= 24 * MIB, "no background fill started"
         finally:
             os.close(fd)
         time.sleep(1.0)

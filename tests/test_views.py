@@ -208,26 +208,42 @@ def test_since_and_until_dates(fake: FakeVapi, mount_factory: MountFactory) -> N
     assert set(os.listdir(m.mountpoint / "by-date")) <= days
 
 
-def test_since_duration_and_days_alias(fake: FakeVapi, mount_factory: MountFactory) -> None:
-    m = mount_factory("--since", "3d", name="a")
+def test_since_duration(fake: FakeVapi, mount_factory: MountFactory) -> None:
+    m = mount_factory("--since", "3d")
     assert set(os.listdir(m.calls)) == in_window(fake, 3)
-    n = mount_factory("--days", "3", name="b", cache_dir=m.cache_dir.parent / "other")
-    assert set(os.listdir(n.calls)) == in_window(fake, 3)
 
 
 def test_bad_window_options_are_usage_errors(fake: FakeVapi, tmp_path: Path) -> None:
     from .conftest import VAPIFS
 
     env = dict(os.environ, VAPI_PRIVATE_API_KEY=fake.api_key)
-    for args in (["--since", "14"], ["--since", "soon"], ["--timezone", "Mars/Olympus"]):
-        result = subprocess.run(
-            [*VAPIFS, "mount", str(tmp_path), "--api-url", fake.api_url, *args],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        assert result.returncode == 2, args
-        assert result.stderr.startswith("vapifs: ") and result.stderr.count("\n") == 1
+    bad = (
+        ["--since", "14"],
+        ["--since", "2025"],
+        ["--since", "soon"],
+        ["--timezone", "Mars/Olympus"],
+    )
+    # mount and prefetch read --since/--until/--timezone alike, and refuse the same values.
+    for command in (["mount", str(tmp_path)], ["prefetch"]):
+        for args in bad:
+            if "--since" not in args:
+                args = [*args, "--since", "1d"]
+            result = subprocess.run(
+                [
+                    *VAPIFS,
+                    *command,
+                    "--api-url",
+                    fake.api_url,
+                    "--cache-dir",
+                    str(tmp_path / "c"),
+                    *args,
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            assert result.returncode == 2, (command, args, result.stderr)
+            assert result.stderr.startswith("vapifs: ") and result.stderr.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -18,8 +18,6 @@ from .retry import RetryPolicy, parse_retry_after
 
 log = logging.getLogger("vapifs.api")
 
-DEFAULT_API_URL = "https://api.vapi.ai"
-
 # Artifact kind -> API endpoint under /call/{id}/.
 ENDPOINTS: dict[str, str] = {
     "mono": "mono-recording",

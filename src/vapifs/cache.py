@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .crypto import CacheKeyError, Cipher, default_key_file, load_key
+from .crypto import CacheKeyError, Cipher, load_key
+from .defaults import default_key_file
 
 log = logging.getLogger("vapifs.cache")
 

@@ -10,14 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import BlockCache, MetaStore, cache_cipher, forget_encryption, stored_format
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+from .units import human_bytes
 
 
 def _when(ts: float | None) -> str:
@@ -57,7 +50,7 @@ def run_cache_command(action: str, cache_dir: Path, key_file: Path | None = None
         s = cache.stats()
         print(f"cache dir:   {cache_dir}")
         print(f"encrypted:   {'yes' if encrypted else 'no'}")
-        print(f"bytes:       {s.bytes} ({_human(s.bytes)})")
+        print(f"bytes:       {s.bytes} ({human_bytes(s.bytes)})")
         print(f"blocks:      {s.blocks}")
         print(f"artifacts:   {s.artifacts}")
         print(f"oldest access: {_when(s.oldest_access)}")
@@ -82,7 +75,7 @@ def run_cache_command(action: str, cache_dir: Path, key_file: Path | None = None
         report = cache.verify()
         print(
             f"checked {report.checked} blocks: {report.bad} bad"
-            + (f" (dropped, {_human(report.bad_bytes)})" if report.bad else "")
+            + (f" (dropped, {human_bytes(report.bad_bytes)})" if report.bad else "")
         )
         return 0
     if action == "clear":

@@ -123,9 +123,11 @@ def parse_time(value: Any) -> float | None:
 
 
 def format_time(ts: float) -> str:
-    """ISO 8601 with milliseconds and Z, as the Vapi API writes times."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + (
-        f"{int(ts * 1000) % 1000:03d}Z"
+    """ISO 8601 with milliseconds and Z, as the Vapi API writes times; rounded to the
+    millisecond (not truncated), so that a bound made from a parsed time equals that time."""
+    ms = round(ts * 1000)
+    return datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + (
+        f"{ms % 1000:03d}Z"
     )
 
 

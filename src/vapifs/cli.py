@@ -8,15 +8,15 @@ import re
 import stat
 import sys
 import time
-from datetime import datetime, tzinfo
+from collections.abc import Callable
+from datetime import tzinfo
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from . import __version__
-from .api import DEFAULT_API_URL
+from . import __version__, units
 from .config import command_names
-from .reader import DEFAULT_REVALIDATE
+from .defaults import DEFAULT_API_URL, DEFAULT_REVALIDATE, default_cache_dir, default_config_file
 
 EXAMPLES = """\
 examples:
@@ -43,52 +43,39 @@ examples:
   vapifs prefetch <call-id> -j 8             # by id, no mount needed
 """
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.IGNORECASE)
+T = TypeVar("T")
 
 
-def parse_size(text: str) -> int:
-    """'10G', '500M', '1.5g', '4096' -> bytes (binary units)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 10G, 500M)")
-    power = " KMGT".index(match.group(2).upper() or " ")
-    return int(float(match.group(1)) * (1024**power))
+def _argtype(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """A parser of `units` as an argparse type: its ValueError becomes argparse's message."""
 
-
-_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?$")
-
-
-def parse_when(text: str, zone: tzinfo, now: float) -> tuple[float | None, float | None]:
-    """--since/--until: (a duration back from now, None) or (None, an instant).
-
-    A duration needs its unit (a bare number would be ambiguous); a date without a time is
-    the start of that day; dates and times without an offset are in `zone`.
-    """
-    text = text.strip()
-    if _DAY.match(text):
+    def convert(text: str) -> T:
         try:
-            moment = datetime.fromisoformat(text)
+            return parse(text)
         except ValueError as exc:
-            raise UsageError(f"not a date: {text!r} ({exc})") from None
-    else:
-        match = _DURATION.match(text)
-        if not match or not match.group(2):
-            raise UsageError(f"not a duration or a date: {text!r} (try 14d, 36h, 2026-11-01)")
-        return parse_duration(text), None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=zone)
-    return None, moment.timestamp()
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
-def parse_duration(text: str) -> float:
-    """'60', '60s', '5m', '1h', '1d' -> seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30s, 5m, 1d)")
-    unit = (match.group(2) or "s").lower()
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
-    return float(match.group(1)) * scale
+parse_size = _argtype(units.parse_size)
+parse_duration = _argtype(units.parse_duration)
+
+
+def parse_zone(name: str) -> tzinfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise UsageError(f"--timezone {name!r} is not a known time zone") from None
+
+
+def parse_when(option: str, text: str, zone: tzinfo) -> units.When:
+    """--since/--until, the same for every command (see units.parse_when)."""
+    try:
+        return units.parse_when(text, zone)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
 
 
 class UsageError(Exception):
@@ -234,12 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
         "resolves",
     )
     m.add_argument(
-        "--days",
-        type=float,
-        metavar="N",
-        help="the same as --since Nd",
-    )
-    m.add_argument(
         "--until",
         metavar="WHEN",
         help="list only calls created before WHEN (a duration back from the mount, or a date)",
@@ -332,9 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument(
         "--since",
         metavar="WHEN",
-        help="calls created since WHEN: a duration ago (2d, 12h) or a date/time (2025-01-31)",
+        help="calls created since WHEN: a duration ago (2d, 12h) or a date/time (2025-01-31) "
+        "in --timezone",
     )
     pf.add_argument("--until", metavar="WHEN", help="... and until WHEN (default: now)")
+    pf.add_argument(
+        "--timezone",
+        default="UTC",
+        metavar="NAME",
+        help="time zone of dates given to --since/--until, as for mount (default: UTC)",
+    )
     pf.add_argument(
         "--artifacts",
         default="all",
@@ -368,8 +356,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_cache_dir(parser: argparse.ArgumentParser) -> None:
-    from .mount import default_cache_dir
-
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -491,8 +477,6 @@ def flags_given(argv: list[str], command: str) -> set[str]:
 def config_file(flag: Path | None) -> tuple[Path, bool]:
     """The config file to read (--config, else $VAPIFS_CONFIG, else the default) and whether
     it was named explicitly (then it must exist)."""
-    from .config import default_config_file
-
     variable = os.environ.get("VAPIFS_CONFIG", "").strip()
     path = flag or Path(variable or default_config_file())
     return path.expanduser(), flag is not None or bool(variable)
@@ -554,28 +538,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
     for option in ("read_timeout", "stall_timeout"):
         if getattr(args, option) <= 0:
             raise UsageError(f"--{option.replace('_', '-')} must be longer than 0s")
-    if args.days is not None and args.days <= 0:
-        raise UsageError("--days must be more than 0")
     if not re.match(r"^https?://[^\s/]+", args.api_url):
         raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
     if args.cache_size < (1 << 20):
         raise UsageError("--cache-size must be at least 1M")
-    try:
-        zone = ZoneInfo(args.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise UsageError(f"--timezone {args.timezone!r} is not a known time zone") from None
+    zone = parse_zone(args.timezone)
     now = time.time()
-    if args.since is not None and args.days is not None:
-        raise UsageError("--since and --days say the same thing: give one of them")
-    if args.days is not None:
-        window, since = args.days * 86400.0, None
-    else:
-        window, since = parse_when(args.since or "14d", zone, now)
-    until = None
-    if args.until is not None:
-        back, until = parse_when(args.until, zone, now)
-        if back is not None:
-            until = now - back
+    start = parse_when("--since", args.since or "14d", zone)
+    window, since = start.back, start.instant
+    until = parse_when("--until", args.until, zone).at(now) if args.until is not None else None
     if until is not None and since is not None and until <= since:
         raise UsageError("--until must be later than --since")
     if any(not a.strip() for a in args.assistants):
@@ -610,7 +581,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
-    from .prefetch import KINDS, PrefetchOptions, parse_kinds, parse_when, run_prefetch
+    from .prefetch import KINDS, PrefetchOptions, parse_kinds, run_prefetch
 
     if not args.paths and args.since is None:
         raise UsageError("prefetch needs PATHs or --since (e.g. vapifs prefetch --since 2d)")
@@ -620,9 +591,13 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         raise UsageError("--jobs must be at least 1")
     if not re.match(r"^https?://[^\s/]+", args.api_url):
         raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
+    zone = parse_zone(args.timezone)
+    now = time.time()
+    since = parse_when("--since", args.since, zone).at(now) if args.since is not None else None
+    until = parse_when("--until", args.until, zone).at(now) if args.until is not None else None
+    if until is not None and since is not None and until <= since:
+        raise UsageError("--until must be later than --since")
     try:
-        since = parse_when(args.since) if args.since is not None else None
-        until = parse_when(args.until) if args.until is not None else None
         kinds = frozenset(KINDS) if args.artifacts == "all" else parse_kinds(args.artifacts)
     except ValueError as exc:
         raise UsageError(str(exc)) from None

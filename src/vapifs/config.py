@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -55,11 +54,6 @@ class Setting:
     action: argparse.Action
     name: str
     source: str
-
-
-def default_config_file() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "vapifs" / "config.toml"
 
 
 def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:

@@ -18,11 +18,6 @@ class CacheKeyError(Exception):
     """The cache key is missing, unreadable, unsafe, or not the one the cache was made with."""
 
 
-def default_key_file() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "vapifs" / "cache.key"
-
-
 def _parse_key(path: Path, text: bytes) -> bytes:
     try:
         key = bytes.fromhex(text.strip().decode())

@@ -27,10 +27,10 @@ from .api import describe
 from .cache import cache_cipher
 from .core import api_client, http_client, open_core
 from .crypto import CacheKeyError, Cipher
+from .defaults import DEFAULT_REVALIDATE, default_log_file
 from .errors import KeyRejected, VapifsError
 from .fs import Operations
 from .gzview import GzipViews
-from .reader import DEFAULT_REVALIDATE
 from .redact import REDACTOR, RedactingFilter
 from .sdnotify import notify as sd_notify
 from .stats import Sources, snapshot
@@ -64,23 +64,8 @@ class MountOptions:
     timezone: str = "UTC"
     read_timeout: float = 30.0
     stall_timeout: float = 10.0
-    connect_timeout: float = 5.0
     encrypt_cache: bool = False
     cache_key_file: Path | None = None  # None: crypto.default_key_file()
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vapifs"
-
-
-def default_log_file() -> Path:
-    """Where a background mount logs: with the user's state, apart from the cache (whose
-    contents may be encrypted, while log lines name call ids)."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    return Path(base) / "vapifs" / "vapifs.log"
 
 
 def setup_logging(debug: bool, log_file: Path | None, to_stderr: bool) -> None:
@@ -202,7 +187,6 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
     client = http_client(
         read_timeout=opts.read_timeout,
         stall_timeout=opts.stall_timeout,
-        connect_timeout=opts.connect_timeout,
     )
     async with client:
         api = api_client(client, opts.api_url, opts.api_key)

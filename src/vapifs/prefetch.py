@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -11,7 +10,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,11 +21,13 @@ from .cache import BlockCache, Version, cache_cipher
 from .cachecmd import running_mounts
 from .core import api_client, http_client, open_core
 from .crypto import CacheKeyError
+from .defaults import DEFAULT_REVALIDATE
 from .errors import KeyRejected, VapifsError
 from .fetch import Fetcher
-from .reader import DEFAULT_REVALIDATE, MAX_RUN_BLOCKS, ArtifactStore
-from .stats import NotAMount, human_bytes, human_duration, mount_root, read_stats
+from .reader import MAX_RUN_BLOCKS, ArtifactStore
+from .stats import NotAMount, mount_root, read_stats
 from .tree import Tree
+from .units import human_bytes, human_duration
 
 KINDS: tuple[str, ...] = tuple(kind for kind, _stem, _ext in C.ARTIFACTS)
 # File name -> artifact kind, for every name a call directory can give an artifact.
@@ -172,24 +172,6 @@ class Progress:
 # -- choosing the files ------------------------------------------------------------------
 
 
-def parse_when(text: str, now: float | None = None) -> float:
-    """'2d', '12h', '30m' (that long ago) or an ISO 8601 date/time (UTC unless it says) -> epoch."""
-    from .cli import parse_duration
-
-    now = time.time() if now is None else now
-    try:
-        return now - parse_duration(text)
-    except argparse.ArgumentTypeError:
-        pass
-    try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"not a time: {text!r} (try 2d, 12h, 2025-01-31)") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
-
-
 def parse_kinds(text: str) -> frozenset[str]:
     kinds = frozenset(k.strip() for k in text.split(",") if k.strip())
     unknown = sorted(kinds - set(KINDS))
@@ -217,11 +199,6 @@ def _tree_path(path: Path) -> tuple[str, str | None] | None:
     if len(parts) >= 2 and C.is_call_id(parts[-2]):
         return parts[-2], parts[-1]
     return None
-
-
-def _wanted(name: str, kinds: frozenset[str]) -> bool:
-    kind = KIND_BY_NAME.get(name)
-    return kind is not None and kind in kinds
 
 
 def _walk(path: Path, kinds: frozenset[str], root: Path) -> list[_Job]:

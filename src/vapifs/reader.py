@@ -12,6 +12,7 @@ import trio
 from cachetools import LRUCache
 
 from .cache import BlockCache, MetaStore, Version
+from .defaults import DEFAULT_REVALIDATE
 from .errors import KeyRejected, NetworkError, ProtocolError, VapifsError, VersionChanged
 from .fetch import Fetcher
 
@@ -19,8 +20,6 @@ log = logging.getLogger("vapifs.reader")
 
 BlockKey = tuple[str, str, str, int]  # (call id, kind, version token, block index)
 
-# An artifact's version is checked against the server at most this often (seconds).
-DEFAULT_REVALIDATE = 86400.0
 # A run of blocks fetched by one ranged request: long enough to amortise a round trip,
 # short enough that a reader waiting on the first block does not wait long.
 MAX_RUN_BLOCKS = 8

@@ -16,6 +16,7 @@ from .cache import BlockCache
 from .fetch import Fetcher
 from .reader import ArtifactStore
 from .resolver import Resolver
+from .units import human_bytes, human_duration
 
 # A file of this name in the mount's root, never listed, reads as `snapshot()` in JSON,
 # taken when it is opened. (A file, not an extended attribute: a file system that answers
@@ -121,28 +122,6 @@ def read_stats(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise NotAMount(f"{path} is not a vapifs mount")
     return doc
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def human_duration(seconds: float) -> str:
-    s = int(seconds)
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
-    minutes, s = divmod(s, 60)
-    if days:
-        return f"{days}d {hours}h {minutes}m"
-    if hours:
-        return f"{hours}h {minutes}m {s}s"
-    if minutes:
-        return f"{minutes}m {s}s"
-    return f"{seconds:.1f}s"
 
 
 def render_table(doc: dict[str, Any]) -> str:

@@ -103,12 +103,6 @@ class _SourceChanged(VapifsError):
     """The gzip artifact changed on the server while its decompressed view was being read."""
 
 
-def _iso_ms(ts: float) -> str:
-    """ISO 8601 with milliseconds, rounded (not truncated) so that a bound equals the time."""
-    ms = round(ts * 1000)
-    return C.format_time(ms // 1000)[:-4] + f"{ms % 1000:03d}Z"
-
-
 @dataclass
 class _Order:
     """Call ids in an order a program may walk them, and how far ahead they are sized."""
@@ -355,11 +349,6 @@ class Tree:
                 return self._gz.known_size(self._gz_key(node.call_id, node.kind, version)) or 0
             return version.size
         return 0
-
-    def readlink(self, node: Node) -> str:
-        if node.target is None:
-            raise NotFound(node.name)
-        return node.target
 
     async def read(self, node: Node, offset: int, size: int, stream: Stream | None) -> bytes:
         if node.content is not None:
@@ -641,12 +630,12 @@ class Tree:
                     if stream:
                         bounds["assistantId"] = stream
                     if self.until is not None:
-                        bounds["createdAtLt"] = _iso_ms(self.until)
+                        bounds["createdAtLt"] = C.format_time(self.until)
                     newest = self._newest.get(stream)
                     if complete and newest is not None:
-                        bounds["createdAtGt"] = _iso_ms(newest)
+                        bounds["createdAtGt"] = C.format_time(newest)
                     else:
-                        bounds["createdAtGe"] = _iso_ms(horizon)
+                        bounds["createdAtGe"] = C.format_time(horizon)
                     fresh.extend(await self._page(**bounds))
             except NetworkError as exc:
                 if self._listed_from is None:

@@ -1,0 +1,33 @@
+"""Defaults every command shares: the API, the revalidation interval, the XDG places."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_API_URL = "https://api.vapi.ai"
+# An ended call's artifacts do not change in practice: check each version about once a day.
+DEFAULT_REVALIDATE = 86400.0
+
+
+def _xdg(variable: str, *fallback: str) -> Path:
+    return Path(os.environ.get(variable) or os.path.join(os.path.expanduser("~"), *fallback))
+
+
+def default_cache_dir() -> Path:
+    return _xdg("XDG_CACHE_HOME", ".cache") / "vapifs"
+
+
+def default_config_file() -> Path:
+    return _xdg("XDG_CONFIG_HOME", ".config") / "vapifs" / "config.toml"
+
+
+def default_key_file() -> Path:
+    """The key of an encrypted cache: with the user's configuration, never inside the cache."""
+    return _xdg("XDG_CONFIG_HOME", ".config") / "vapifs" / "cache.key"
+
+
+def default_log_file() -> Path:
+    """Where a background mount logs: with the user's state, apart from the cache (whose
+    contents may be encrypted, while log lines name call ids)."""
+    return _xdg("XDG_STATE_HOME", ".local", "state") / "vapifs" / "vapifs.log"

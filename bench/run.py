@@ -541,14 +541,24 @@ class Bench:
         v["cold_mb_s"], v["warm_mb_s"], v["cold"] = mb_s(size, cold), mb_s(size, warm), cold_counts
         v["cold_runs_mb_s"] = [mb_s(size, t) for t in colds]
 
-        log("vapifs: after a remount (disk cache)")
-        m = self.mount_vapifs("remount", cache)
-        path = self.call_file(m, self.world.big_id)
+        log(f"vapifs: after a remount (disk cache), {n} new mounts")
         remount_counts: dict[str, Any] = {}
-        with self.counting(remount_counts):
-            again = read_all(path)
-        self.runner.stop(m)
+        agains = []
+        for i in range(n):
+            m = self.mount_vapifs("remount", cache)
+            path = self.call_file(m, self.world.big_id)
+            counts: dict[str, Any] = {}
+            with self.counting(counts):
+                agains.append(read_all(path))
+            self.runner.stop(m)
+            if i == 0:
+                remount_counts = counts
+            else:  # every remount must make zero requests, not only the first
+                for name in ("storage_requests", "api_requests"):
+                    remount_counts[name] = max(remount_counts[name], counts[name])
+        again = statistics.median(agains)
         v["remount_mb_s"], v["remount"] = mb_s(size, again), remount_counts
+        v["remount_runs_mb_s"] = [mb_s(size, t) for t in agains]
 
         log(f"vapifs: first byte and peak RSS streaming {self.huge_size / MiB:.0f} MiB cold")
         cache = self.fresh_cache("vapifs-huge")
@@ -574,7 +584,7 @@ class Bench:
             m = self.mount_vapifs("random", self.fresh_cache("vapifs-random"))
             path = self.call_file(m, self.world.big_id)
             os.stat(path)  # the size is known before the clock starts, as for rclone
-            counts: dict[str, Any] = {}
+            counts = {}
             with self.counting(counts):
                 rand_runs.append(random_reads(path, offsets, read_size))
             rand_counts = rand_counts or counts

@@ -21,14 +21,11 @@ from typing import Any
 
 import pytest
 
-from vapifs import cache as cache_mod
-from vapifs.cache import (
-    DEFAULT_BLOCK_SIZE,
-    MAGIC,
-    BlockCache,
-    MetaStore,
-    Version,
-)
+from vapifs import blocks as blocks_mod
+from vapifs import cachefiles
+from vapifs.blocks import DEFAULT_BLOCK_SIZE, MAGIC, BlockCache
+from vapifs.meta import MetaStore
+from vapifs.version import Version
 
 BS = 4096
 CALL = "3f2b8c1e-0d4a-4c55-9a51-2f7f1a9a0e11"
@@ -323,7 +320,7 @@ def test_read_error_is_a_miss_not_an_exception(
     def eio(*_a: object, **_k: object) -> Any:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(cache_mod, "open", eio, raising=False)
+    monkeypatch.setattr(blocks_mod, "open", eio, raising=False)
     assert c.get(CALL, KIND, V1, 1) is None
     monkeypatch.undo()
     assert c.get(CALL, KIND, V1, 1) == payload(V1, 1)
@@ -537,7 +534,7 @@ def test_disk_full_is_one_warning_and_nothing_visible(
         assert not c.put(CALL, KIND, V1, 2, payload(V1, 2))
         assert not MetaStore(root).put("artifact", "k", {"v": 1})
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
-    monkeypatch.setattr(cache_mod, "_WARN_AGAIN_AFTER", 0.0)
+    monkeypatch.setattr(cachefiles, "WARN_AGAIN_AFTER", 0.0)
     with caplog.at_level(logging.WARNING, logger="vapifs.cache"):
         assert not c.put(CALL, KIND, V1, 3, payload(V1, 3))
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1

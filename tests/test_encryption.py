@@ -13,20 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from vapifs.cache import (
-    ENC_MAGIC,
-    KEYCHECK_NAME,
-    BlockCache,
-    MetaStore,
-    Version,
-    cache_cipher,
-    forget_encryption,
-    stored_format,
-)
+from vapifs.atrest import KEYCHECK_NAME, forget_encryption, stored_format
+from vapifs.blocks import BlockCache
+from vapifs.cachefiles import ENC_MAGIC
+from vapifs.cachekey import cache_cipher
 from vapifs.calls import artifact_files
 from vapifs.crypto import CacheKeyError, Cipher, load_key
 from vapifs.defaults import default_key_file
 from vapifs.demo.server import FakeVapi
+from vapifs.meta import MetaStore
+from vapifs.version import Version
 
 from .conftest import VAPIFS, Mount, MountFactory, force_unmount
 

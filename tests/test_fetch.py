@@ -13,12 +13,12 @@ import pytest
 import trio
 
 from vapifs.api import VapiClient
-from vapifs.cache import Version
 from vapifs.core import SOCKET_READ, http_client, larger_socket_reads
 from vapifs.errors import KeyRejected, NetworkError, VersionChanged
 from vapifs.fetch import Fetcher, _Pieces
 from vapifs.resolver import Resolver
 from vapifs.retry import RetryPolicy
+from vapifs.version import Version
 
 API = "http://api.test"
 STORAGE = "https://storage.test/rec.wav"

@@ -21,7 +21,8 @@ def run(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_core_imports_without_pyfuse3() -> None:
-    core = ["api", "cache", "core", "fetch", "gzview", "prefetch", "reader", "resolver", "tree"]
+    core = ["api", "blocks", "meta", "cachekey", "core", "fetch", "gzview", "prefetch", "reader"]
+    core += ["resolver", "tree", "version"]
     code = BLOCK_PYFUSE3 + "".join(f"import vapifs.{name}\n" for name in core)
     code += "assert 'pyfuse3' not in sys.modules\nprint('ok')\n"
     result = run(code)

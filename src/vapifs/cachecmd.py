@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cache import BlockCache, MetaStore, cache_cipher, forget_encryption, stored_format
+from .atrest import forget_encryption, stored_format
+from .blocks import BlockCache
+from .cachekey import cache_cipher
+from .meta import MetaStore
 from .units import human_bytes
 
 

@@ -13,9 +13,10 @@ import trio
 
 from . import __version__
 from .api import VapiClient
-from .cache import BlockCache, MetaStore
+from .blocks import BlockCache
 from .crypto import Cipher
 from .fetch import Fetcher
+from .meta import MetaStore
 from .reader import ArtifactStore
 from .resolver import Resolver
 from .retry import RetryPolicy

@@ -11,10 +11,10 @@ import httpx
 import trio
 
 from .api import Resolution
-from .cache import Version
 from .errors import KeyRejected, NetworkError, VersionChanged
 from .resolver import Resolver
 from .retry import RetryPolicy, parse_retry_after
+from .version import Version
 
 log = logging.getLogger("vapifs.fetch")
 

@@ -24,7 +24,7 @@ import trio
 
 from . import __version__
 from .api import describe
-from .cache import cache_cipher
+from .cachekey import cache_cipher
 from .core import api_client, http_client, open_core
 from .crypto import CacheKeyError, Cipher
 from .defaults import DEFAULT_REVALIDATE, default_log_file

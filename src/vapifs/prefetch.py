@@ -17,8 +17,9 @@ import trio
 
 from . import calls as C
 from .api import VapiClient, describe
-from .cache import BlockCache, Version, cache_cipher
+from .blocks import BlockCache
 from .cachecmd import running_mounts
+from .cachekey import cache_cipher
 from .core import api_client, http_client, open_core
 from .crypto import CacheKeyError
 from .defaults import DEFAULT_REVALIDATE
@@ -28,6 +29,7 @@ from .reader import MAX_RUN_BLOCKS, ArtifactStore
 from .stats import NotAMount, mount_root, read_stats
 from .tree import Tree
 from .units import human_bytes, human_duration
+from .version import Version
 
 KINDS: tuple[str, ...] = tuple(kind for kind, _stem, _ext in C.ARTIFACTS)
 # File name -> artifact kind, for every name a call directory can give an artifact.

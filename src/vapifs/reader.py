@@ -11,10 +11,12 @@ from typing import Any
 import trio
 from cachetools import LRUCache
 
-from .cache import BlockCache, MetaStore, Version
+from .blocks import BlockCache
 from .defaults import DEFAULT_REVALIDATE
 from .errors import KeyRejected, NetworkError, ProtocolError, VapifsError, VersionChanged
 from .fetch import Fetcher
+from .meta import MetaStore
+from .version import Version
 
 log = logging.getLogger("vapifs.reader")
 

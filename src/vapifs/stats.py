@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import VapiClient
-from .cache import BlockCache
+from .blocks import BlockCache
 from .fetch import Fetcher
 from .reader import ArtifactStore
 from .resolver import Resolver

@@ -16,10 +16,11 @@ import trio
 
 from . import calls as C
 from .api import VapiClient
-from .cache import MetaStore, Version
 from .errors import NetworkError, NotFound, VapifsError
 from .gzview import GzipViews
+from .meta import MetaStore
 from .reader import ArtifactStore, Stream
+from .version import Version
 
 log = logging.getLogger("vapifs.tree")
 

@@ -1,9 +1,8 @@
-"""The on-disk block cache of artifact bytes and the small JSON metadata store beside it."""
+"""The block store: fixed-size blocks of artifacts on disk, self-checking, bounded by an LRU."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -17,10 +16,20 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from .crypto import CacheKeyError, Cipher, load_key
-from .defaults import default_key_file
+from .cachefiles import (
+    DIR_MODE,
+    ENC_MAGIC,
+    ensure_dir,
+    read_file,
+    remove_orphans,
+    unlink_if_same,
+    write_atomic,
+    write_failed,
+)
+from .crypto import Cipher
+from .version import Version
 
 log = logging.getLogger("vapifs.cache")
 
@@ -33,75 +42,14 @@ _DATA_OFFSET = len(MAGIC) + _PREFIX.size
 # A header is a few hundred bytes; anything far larger is damage, not a header.
 _MAX_HEADER = 64 * 1024
 
-# An encrypted cache's block and metadata files: ENC_MAGIC, then a sealed blob whose
-# plaintext is what the unencrypted cache would have written (header included), and whose
-# associated data is the file's identity, so that a blob moved to another name never opens.
-ENC_MAGIC = b"VAPIFSE1"
-# Present in an encrypted cache's root: a constant sealed with its key, to refuse another key
-# before mounting rather than drop every block one by one.
-KEYCHECK_NAME = "keycheck"
-_KEYCHECK_PLAINTEXT = b"vapifs cache key check v1"
-_KEYCHECK_AD = b"vapifs keycheck"
-
-_DIR_MODE = 0o700
-_FILE_MODE = 0o600
-
 # A hit rewrites the block's mtime (the persisted LRU order) at most this often, so that a
 # sequential read does not turn into one metadata write per block read.
 _TOUCH_INTERVAL = 30.0
 
-# open() deletes the temp files of writers that are no longer running (a kill -9), and any
-# temp file older than this: a put lasts milliseconds, so anything this old was left by a
-# crash, whatever its name says (a younger one may be a live put of another process).
-_ORPHAN_AGE = 60.0
-
-# A failing cache disk is one warning per root, blocks and metadata together, and again only
-# this long after: a nearly full disk that takes small writes but refuses large ones would
-# otherwise warn on every few blocks of a read.
-_WARN_AGAIN_AFTER = 600.0
-_write_warned: dict[str, float] = {}
-_write_warned_lock = threading.Lock()
-
 _BLOCK_NAME = re.compile(r"^([0-9a-f]{16})-(0|[1-9][0-9]*)\.blk$")
-_TMP_NAME = re.compile(r"^([1-9][0-9]*)-[0-9a-f]+\.tmp$")
 _HASH_NAME = re.compile(r"^[0-9a-f]{32}$")
-_NS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 _Key = tuple[str, str, int]  # (artifact hash, version token, block index)
-
-
-@dataclass(frozen=True)
-class Version:
-    """One version of an artifact on the server: its size plus whatever validators it sent."""
-
-    size: int
-    etag: str | None = None
-    last_modified: str | None = None
-
-    def token(self) -> str:
-        # Asked for on every read: computed once per Version (frozen, so it cannot go stale).
-        cached: str | None = self.__dict__.get("_token")
-        if cached is None:
-            raw = json.dumps([self.size, self.etag, self.last_modified], separators=(",", ":"))
-            cached = hashlib.sha256(raw.encode()).hexdigest()[:16]
-            object.__setattr__(self, "_token", cached)
-        return cached
-
-    def to_json(self) -> dict[str, Any]:
-        return {"size": self.size, "etag": self.etag, "last_modified": self.last_modified}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Version:
-        size = d.get("size")
-        etag = d.get("etag")
-        last_modified = d.get("last_modified")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ValueError("version size must be a non-negative integer")
-        if etag is not None and not isinstance(etag, str):
-            raise ValueError("version etag must be a string or null")
-        if last_modified is not None and not isinstance(last_modified, str):
-            raise ValueError("version last_modified must be a string or null")
-        return cls(size=size, etag=etag, last_modified=last_modified)
 
 
 @dataclass
@@ -136,93 +84,6 @@ def _artifact_hash(call_id: str, kind: str) -> str:
     return hashlib.sha256(f"{call_id}/{kind}".encode()).hexdigest()[:32]
 
 
-def _key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-def _ensure_dir(path: Path) -> None:
-    """Create path and any missing parents with mode 0700 whatever the umask."""
-    missing: list[Path] = []
-    p = path
-    while not p.is_dir():
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, _DIR_MODE)
-        except FileExistsError:
-            continue  # another thread or process made it first
-        os.chmod(d, _DIR_MODE)
-
-
-def _write_all(fd: int, *parts: bytes) -> None:
-    for part in parts:
-        view = memoryview(part)
-        while view:
-            n = os.write(fd, view)
-            if n <= 0:
-                raise OSError(errno.EIO, os.strerror(errno.EIO))
-            view = view[n:]
-
-
-def _write_atomic(tmp_dir: Path, dest: Path, parts: tuple[bytes, ...], fsync: bool) -> None:
-    """Write parts to a temp file, then rename it onto dest: dest is never seen half-written.
-
-    Missing directories (the cache cleared by another process, or deleted by hand) are made
-    again. On failure the temp file is removed and the OSError propagates.
-    """
-    # The writer's pid in the name lets open() tell a crash's leftovers from a live put.
-    tmp = tmp_dir / f"{os.getpid()}-{os.urandom(8).hex()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    try:
-        fd = os.open(tmp, flags, _FILE_MODE)
-    except FileNotFoundError:
-        _ensure_dir(tmp_dir)
-        fd = os.open(tmp, flags, _FILE_MODE)
-    try:
-        try:
-            os.fchmod(fd, _FILE_MODE)  # O_CREAT's mode is filtered by the umask
-            _write_all(fd, *parts)
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        for attempt in range(3):
-            try:
-                os.replace(tmp, dest)
-                break
-            except FileNotFoundError:
-                # Either dest's directory went away (make it again) or our temp file did.
-                if attempt == 2 or not tmp.exists():
-                    raise
-                _ensure_dir(dest.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # EPERM: alive, another user's
-    return True
-
-
-def _read_file(path: Path) -> tuple[bytes, int]:
-    """The whole file and its inode number, in one open."""
-    with open(path, "rb", buffering=0) as f:
-        ino = os.fstat(f.fileno()).st_ino
-        return f.readall(), ino
-
-
 def _read_plain_block(path: Path) -> tuple[bytes, bytes | None, int]:
     """(head, data, inode) of an unencrypted block file, the data read into its own bytes.
 
@@ -238,37 +99,6 @@ def _read_plain_block(path: Path) -> tuple[bytes, bytes | None, int]:
                 head += f.read(hlen)
                 return head, f.readall(), ino
         return head + f.readall(), None, ino
-
-
-def _unlink_if_same(path: Path, ino: int) -> bool:
-    """Delete path only if it is still the file we read: a put may have replaced it since."""
-    try:
-        if os.stat(path).st_ino != ino:
-            return False
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _strerror(e: OSError) -> str:
-    return e.strerror or str(e) or type(e).__name__
-
-
-def _write_failed(root: Path, error: OSError) -> None:
-    """Log a failed cache write: a warning the first time, debug lines until the quiet time."""
-    now = time.monotonic()
-    with _write_warned_lock:
-        last = _write_warned.get(str(root))
-        warn = last is None or now - last >= _WARN_AGAIN_AFTER
-        if warn:
-            _write_warned[str(root)] = now
-    if warn:
-        log.warning(
-            "cache: cannot write to %s (%s); reading from the network", root, _strerror(error)
-        )
-    else:
-        log.debug("cache: write failed again: %s", _strerror(error))
 
 
 class BlockCache:
@@ -374,11 +204,11 @@ class BlockCache:
 
     def open(self) -> None:
         """Create the directories, drop crash leftovers, rebuild the index from disk."""
-        _ensure_dir(self.root)  # a root made here is 0700; an existing one is the user's
+        ensure_dir(self.root)  # a root made here is 0700; an existing one is the user's
         for d in (self._blocks_dir, self._tmp_dir):
-            _ensure_dir(d)
-            os.chmod(d, _DIR_MODE)
-        self._remove_orphans()
+            ensure_dir(d)
+            os.chmod(d, DIR_MODE)
+        remove_orphans(self._tmp_dir)
         found = sorted(self._scan(), key=lambda item: item[2].st_mtime)
         with self._lock:
             self._index.clear()
@@ -389,24 +219,6 @@ class BlockCache:
             dropped = self._make_room_locked(0)
         if dropped:
             log.info("cache: evicted %d blocks to fit %d bytes", dropped, self.max_bytes)
-
-    def _remove_orphans(self) -> None:
-        now = time.time()
-        try:
-            entries = list(os.scandir(self._tmp_dir))
-        except OSError:
-            return
-        for e in entries:
-            if not e.name.endswith(".tmp"):
-                continue
-            try:
-                writer = _TMP_NAME.match(e.name)
-                if (writer is not None and not _alive(int(writer.group(1)))) or (
-                    now - e.stat(follow_symlinks=False).st_mtime >= _ORPHAN_AGE
-                ):
-                    os.unlink(e.path)
-            except OSError:
-                continue
 
     # -- blocks -----------------------------------------------------------------------------
 
@@ -440,7 +252,7 @@ class BlockCache:
             if self.cipher is None:
                 head, body, ino = _read_plain_block(path)
             else:
-                (head, ino), body = _read_file(path), None
+                (head, ino), body = read_file(path), None
         except FileNotFoundError:
             # Cleared or evicted by someone else: a plain miss.
             with self._lock:
@@ -465,7 +277,7 @@ class BlockCache:
         if data is None:
             with self._lock:
                 try:
-                    _unlink_if_same(path, ino)
+                    unlink_if_same(path, ino)
                 except OSError as e:
                     log.debug("cache: cannot delete %s: %s", path, e)
                 self._forget_locked(key, entry)
@@ -556,7 +368,7 @@ class BlockCache:
         error: OSError | None = None
         written = False
         try:
-            _write_atomic(self._tmp_dir, self._path(key), parts, self.fsync)
+            write_atomic(self._tmp_dir, self._path(key), parts, self.fsync)
             written = True
         except OSError as e:
             error = e
@@ -576,7 +388,7 @@ class BlockCache:
                     self._index[key] = _Entry(total, now, now)
                     self._bytes += total
         if error is not None:
-            _write_failed(self.root, error)
+            write_failed(self.root, error)
             return False
         return True
 
@@ -678,7 +490,7 @@ class BlockCache:
         for key, path, st in list(self._scan()):
             checked += 1
             try:
-                buf, ino = _read_file(path)
+                buf, ino = read_file(path)
             except FileNotFoundError:
                 checked -= 1
                 continue
@@ -690,7 +502,7 @@ class BlockCache:
             bad_bytes += st.st_size
             with self._lock:
                 try:
-                    _unlink_if_same(path, ino)
+                    unlink_if_same(path, ino)
                 except OSError as e:
                     log.debug("cache: cannot delete %s: %s", path, e)
                 self._forget_locked(key, None)
@@ -765,219 +577,3 @@ def _parse_block(
     if zlib.crc32(data) != crc:
         return None
     return header, data
-
-
-def _meta_ad(ns: str, key_hash: str) -> bytes:
-    return f"vapifs meta {ns} {key_hash}".encode()
-
-
-class MetaStore:
-    """Small JSON documents (artifact versions, call objects, listings) keyed by namespace.
-
-    With a cipher, every document file is sealed (see ENC_MAGIC); one that does not
-    authenticate is deleted, with a warning, and its document is found again at its source.
-    """
-
-    def __init__(self, root: Path, cipher: Cipher | None = None) -> None:
-        self.root = Path(root)
-        self.cipher = cipher
-        self._meta_dir = self.root / "meta"
-        self._tmp_dir = self.root / "tmp"
-
-    def _ns_dir(self, ns: str) -> Path:
-        if not _NS_NAME.match(ns):
-            raise ValueError(f"bad metadata namespace {ns!r}")
-        return self._meta_dir / ns
-
-    def _path(self, ns: str, key: str) -> Path:
-        return self._ns_dir(ns) / f"{_key_hash(key)}.json"
-
-    def _load(self, path: Path) -> tuple[str, dict[str, Any]] | None:
-        """(key, doc) of a document file; None when absent; a corrupt file is deleted."""
-        try:
-            raw, ino = _read_file(path)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            log.debug("cache: cannot read %s: %s", path, e)
-            return None
-        if self.cipher is not None:
-            ad = _meta_ad(path.parent.name, path.stem)
-            plain = None
-            if raw.startswith(ENC_MAGIC):
-                plain = self.cipher.open(memoryview(raw)[len(ENC_MAGIC) :], ad)
-            if plain is None:
-                log.warning(
-                    "cache: dropped a damaged %s document; fetching it again", path.parent.name
-                )
-                with contextlib.suppress(OSError):
-                    _unlink_if_same(path, ino)
-                return None
-            raw = plain
-        try:
-            wrapper = json.loads(raw)
-        except ValueError:
-            wrapper = None
-        if (
-            isinstance(wrapper, dict)
-            and isinstance(wrapper.get("key"), str)
-            and isinstance(wrapper.get("doc"), dict)
-            and path.name == f"{_key_hash(wrapper['key'])}.json"
-        ):
-            return wrapper["key"], wrapper["doc"]
-        log.debug("cache: deleting the unreadable metadata file %s", path)
-        with contextlib.suppress(OSError):
-            _unlink_if_same(path, ino)
-        return None
-
-    def get(self, ns: str, key: str) -> dict[str, Any] | None:
-        loaded = self._load(self._path(ns, key))
-        if loaded is None or loaded[0] != key:
-            return None
-        return loaded[1]
-
-    def put(self, ns: str, key: str, doc: dict[str, Any]) -> bool:
-        path = self._path(ns, key)
-        body = json.dumps({"key": key, "doc": doc}, separators=(",", ":")).encode()
-        parts: tuple[bytes, ...] = (body,)
-        if self.cipher is not None:
-            parts = (ENC_MAGIC, self.cipher.seal(body, _meta_ad(ns, path.stem)))
-        try:
-            _ensure_dir(path.parent)
-            _write_atomic(self._tmp_dir, path, parts, fsync=False)
-        except OSError as e:
-            _write_failed(self.root, e)
-            return False
-        return True
-
-    def delete(self, ns: str, key: str) -> None:
-        try:
-            os.unlink(self._path(ns, key))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.debug("cache: cannot delete metadata %s/%s: %s", ns, _key_hash(key), e)
-
-    def items(self, ns: str) -> list[tuple[str, dict[str, Any]]]:
-        try:
-            names = sorted(os.listdir(self._ns_dir(ns)))
-        except OSError:
-            return []
-        out: list[tuple[str, dict[str, Any]]] = []
-        for name in names:
-            if not name.endswith(".json"):
-                continue
-            loaded = self._load(self._ns_dir(ns) / name)
-            if loaded is not None:
-                out.append(loaded)
-        return out
-
-    def clear(self) -> None:
-        try:
-            namespaces = list(os.scandir(self._meta_dir))
-        except OSError:
-            return
-        for ns in namespaces:
-            if not ns.is_dir(follow_symlinks=False):
-                continue
-            try:
-                for f in os.scandir(ns.path):
-                    if f.name.endswith(".json"):
-                        with contextlib.suppress(OSError):
-                            os.unlink(f.path)
-                os.rmdir(ns.path)
-            except OSError:
-                continue
-
-
-# -- encryption at rest ------------------------------------------------------------------------
-
-CacheFormat = Literal["empty", "plain", "encrypted"]
-
-
-def stored_format(root: Path) -> CacheFormat:
-    """How the cache in root was written: told by its key check, else by one data file."""
-    if (root / KEYCHECK_NAME).exists():
-        return "encrypted"
-    for pattern in ("blocks/*/*/*.blk", "meta/*/*.json"):
-        for path in root.glob(pattern):
-            try:
-                with open(path, "rb") as f:
-                    head = f.read(len(ENC_MAGIC))
-            except OSError:
-                continue
-            return "encrypted" if head == ENC_MAGIC else "plain"
-    return "empty"
-
-
-def cache_cipher(root: Path, encrypt: bool, key_file: Path | None = None) -> Cipher | None:
-    """The cipher for the cache in root (None: unencrypted), once it is sure that the cache
-    was written that way and, when encrypted, with this key: a cache is never a mix.
-
-    The key file is created (with a random key) only for a cache that holds nothing yet.
-    Raises CacheKeyError with a one-line reason.
-    """
-    found = stored_format(root)
-    if not encrypt:
-        if found == "encrypted":
-            raise CacheKeyError(
-                f"the cache in {root} is encrypted: use --encrypt-cache (with its "
-                "--cache-key-file), or another --cache-dir"
-            )
-        return None
-    if found == "plain":
-        raise CacheKeyError(
-            f"the cache in {root} is not encrypted: clear it first "
-            f"(vapifs cache clear --cache-dir {root}) or use another --cache-dir"
-        )
-    path = key_file or default_key_file()
-    if found == "encrypted" and not path.exists():
-        raise CacheKeyError(
-            f"the cache in {root} was encrypted with another key ({path} does not exist): "
-            f"give its --cache-key-file, or start afresh with vapifs cache clear --cache-dir {root}"
-        )
-    cipher = Cipher(load_key(path, create=found == "empty"))
-    if _keycheck(root, cipher) != _KEYCHECK_PLAINTEXT:
-        raise CacheKeyError(
-            f"the cache in {root} was encrypted with another key than {path}: give its "
-            f"--cache-key-file, or start afresh with vapifs cache clear --cache-dir {root}"
-        )
-    return cipher
-
-
-def _keycheck(root: Path, cipher: Cipher) -> bytes | None:
-    """What the key check of root opens to with cipher; a new cache gets one made with it."""
-    path = root / KEYCHECK_NAME
-    try:
-        try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
-            _ensure_dir(root)
-            blob = ENC_MAGIC + cipher.seal(_KEYCHECK_PLAINTEXT, _KEYCHECK_AD)
-            tmp = root / f".{KEYCHECK_NAME}.{os.getpid()}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, _FILE_MODE)
-            try:
-                try:
-                    _write_all(fd, blob)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                # link() never replaces: when another process marked the cache first, its
-                # key check is the one that counts.
-                os.link(tmp, path)
-            except FileExistsError:
-                blob = path.read_bytes()
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-    except OSError as e:
-        raise CacheKeyError(f"cannot use the cache in {root}: {_strerror(e)}") from None
-    if not blob.startswith(ENC_MAGIC):
-        return None
-    return cipher.open(memoryview(blob)[len(ENC_MAGIC) :], _KEYCHECK_AD)
-
-
-def forget_encryption(root: Path) -> None:
-    """After a clear: the next user of root may choose anew (no key, or another key)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(root / KEYCHECK_NAME)

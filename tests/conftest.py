@@ -27,8 +27,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeVapi]:
-    with FakeVapi(seed=7) as server:
+def tls() -> bool:
+    """Whether the fake speaks HTTPS; the core mount tests run both ways (`over_tls`)."""
+    return False
+
+
+# Runs a test over plain HTTP and over HTTPS (a throwaway CA, verification on): the test
+# takes `tls` and passes it to every FakeVapi it makes; `fake` and `mount_factory` follow it.
+over_tls = pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+
+
+@pytest.fixture
+def fake(tls: bool) -> Iterator[FakeVapi]:
+    with FakeVapi(seed=7, tls=tls) as server:
         yield server
 
 
@@ -92,6 +103,7 @@ def mount_factory(tmp_path: Path, fake: FakeVapi) -> Iterator[MountFactory]:
         name: str = "mnt",
         key: str | None = None,
         base: Path | None = None,
+        trust: bool = True,
     ) -> Mount:
         server = server or fake
         mountpoint = (base or tmp_path) / name
@@ -110,6 +122,7 @@ def mount_factory(tmp_path: Path, fake: FakeVapi) -> Iterator[MountFactory]:
             str(cache_dir),
             "--log-file",
             str(log_file),
+            *(["--ca-file", server.ca_file] if server.ca_file and trust else []),
             *extra,
         ]
         stderr = open(tmp_path / f"{name}-{len(mounts)}.stderr", "wb")  # noqa: SIM115

@@ -16,7 +16,7 @@ from vapifs.calls import artifact_files
 from vapifs.demo.data import generate_calls
 from vapifs.demo.server import FakeVapi
 
-from .conftest import Mount, MountFactory
+from .conftest import Mount, MountFactory, over_tls
 
 pytestmark = pytest.mark.mount
 
@@ -105,7 +105,7 @@ def errno_of(action: Callable[[], object]) -> int | None:
 
 
 @pytest.fixture
-def storm_fake() -> Iterator[FakeVapi]:
+def storm_fake(tls: bool) -> Iterator[FakeVapi]:
     """A fake whose 8 first recordings are 3-6 MB of distinct bytes: many ranged requests."""
     calls = generate_calls(seed=11)
     rng = random.Random(11)
@@ -114,13 +114,14 @@ def storm_fake() -> Iterator[FakeVapi]:
         if "stereo" in fc.artifacts and grown < 8:
             fc.artifacts["stereo"] = rng.randbytes(3 * MiB + rng.randint(0, 3 * MiB))
             grown += 1
-    with FakeVapi(calls, seed=11) as server:
+    with FakeVapi(calls, seed=11, tls=tls) as server:
         yield server
 
 
 # -- the tests ------------------------------------------------------------------------------
 
 
+@over_tls
 def test_eight_readers_through_a_fault_storm_get_every_byte(
     storm_fake: FakeVapi, mount_factory: MountFactory, tmp_path: Path
 ) -> None:

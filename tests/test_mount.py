@@ -18,7 +18,7 @@ import pytest
 from vapifs.calls import artifact_files
 from vapifs.demo.server import FakeVapi
 
-from .conftest import VAPIFS, MountFactory
+from .conftest import VAPIFS, MountFactory, over_tls
 
 pytestmark = pytest.mark.mount
 
@@ -63,6 +63,7 @@ def _ts(iso: str) -> float:
     return ts
 
 
+@over_tls
 def test_every_artifact_is_byte_identical_with_exact_sizes_first(
     fake: FakeVapi, mount_factory: MountFactory
 ) -> None:
@@ -81,10 +82,11 @@ def test_every_artifact_is_byte_identical_with_exact_sizes_first(
         assert "presigned" not in (directory / "call.json").read_text().lower()
 
 
+@over_tls
 def test_ls_l_of_a_call_learns_sizes_without_downloading_recordings(
-    mount_factory: MountFactory,
+    mount_factory: MountFactory, tls: bool
 ) -> None:
-    with FakeVapi(seed=21, big_stereo_mb=24) as fake:
+    with FakeVapi(seed=21, big_stereo_mb=24, tls=tls) as fake:
         m = mount_factory(server=fake, name="lsl")
         call_id, fc = max(
             ((c, fc) for c, fc in fake.calls.items() if "stereo" in fc.artifacts),
@@ -170,10 +172,13 @@ def test_tail_read_and_mmap(fake: FakeVapi, mount_factory: MountFactory) -> None
             assert mapped[:] == data
 
 
-def test_slow_reader_outlives_one_second_signed_urls(mount_factory: MountFactory) -> None:
+@over_tls
+def test_slow_reader_outlives_one_second_signed_urls(
+    mount_factory: MountFactory, tls: bool
+) -> None:
     # A file larger than the read-ahead window, so downloads keep starting for the whole read,
     # each on a URL that lives one second.
-    with FakeVapi(seed=3, big_stereo_mb=40) as big:
+    with FakeVapi(seed=3, big_stereo_mb=40, tls=tls) as big:
         big.set_knobs(url_ttl=1.0)
         m = mount_factory(server=big, name="slow")
         call_id, data = max(
@@ -339,10 +344,19 @@ def test_missing_mountpoint_is_exit_1(fake: FakeVapi, tmp_path: Path) -> None:
     assert "does not exist" in result.stderr
 
 
-def test_demo_mounts_the_fake_shows_the_tour_and_unmounts(tmp_path: Path) -> None:
+@over_tls
+def test_demo_mounts_the_fake_shows_the_tour_and_unmounts(tmp_path: Path, tls: bool) -> None:
     mountpoint = tmp_path / "vapi-demo"
     out = subprocess.run(
-        [*VAPIFS, "demo", str(mountpoint), "--no-wait", "--cache-dir", str(tmp_path / "cache")],
+        [
+            *VAPIFS,
+            "demo",
+            str(mountpoint),
+            "--no-wait",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *(["--tls"] if tls else []),
+        ],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -350,7 +364,9 @@ def test_demo_mounts_the_fake_shows_the_tour_and_unmounts(tmp_path: Path) -> Non
     )
     assert out.returncode == 0, out.stderr
     text = out.stdout
+    scheme = "https" if tls else "http"
     for expected in (
+        f"the fake Vapi at {scheme}://127.0.0.1:",
         "is mounted on",
         "calls of the last 14 days",
         "stereo.wav: 2 channels",

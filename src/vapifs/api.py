@@ -12,9 +12,17 @@ from urllib.parse import urljoin
 import httpx
 import trio
 
-from .errors import KeyRejected, NetworkError, NotFound, ProtocolError, VapifsError
+from .errors import (
+    CertificateError,
+    KeyRejected,
+    NetworkError,
+    NotFound,
+    ProtocolError,
+    VapifsError,
+)
 from .redact import REDACTOR, redact_url
 from .retry import RetryPolicy, parse_retry_after
+from .tls import untrusted
 
 log = logging.getLogger("vapifs.api")
 
@@ -113,6 +121,8 @@ class VapiClient:
                 response = await self._client.send(request, follow_redirects=False)
             except httpx.TransportError as exc:
                 self.failures += 1
+                if reason := untrusted(exc, url, "the API at"):
+                    raise CertificateError(reason) from None
                 last = f"{type(exc).__name__}"
                 if self._stop_retrying(exc, attempt, was_down):
                     break
@@ -190,6 +200,8 @@ class VapiClient:
                 response = await self._client.send(request, follow_redirects=False, stream=True)
             except httpx.TransportError as exc:
                 self.failures += 1
+                if reason := untrusted(exc, url, "the API at"):
+                    raise CertificateError(reason) from None
                 last = type(exc).__name__
                 if self._stop_retrying(exc, attempt, was_down):
                     break

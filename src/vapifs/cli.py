@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--api-key-file", type=Path, metavar="FILE", help="read the key from FILE (mode 600)"
     )
+    add_ca_file(m)
     add_cache_dir(m)
     add_cache_encryption(m)
     m.add_argument(
@@ -268,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
         "mountpoint", type=Path, nargs="?", default=Path("vapi-demo"), metavar="MOUNTPOINT"
     )
     d.add_argument("--no-wait", action="store_true", help="unmount right after the tour")
+    d.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve the fake over HTTPS, with a throwaway CA the mount is told to trust",
+    )
     d.add_argument("--cache-dir", type=Path, metavar="DIR", help="cache (default: a temporary dir)")
 
     c = sub.add_parser(
@@ -343,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument(
         "--api-key-file", type=Path, metavar="FILE", help="read the key from FILE (mode 600)"
     )
+    add_ca_file(pf)
     add_cache_dir(pf)
     add_cache_encryption(pf)
     pf.add_argument(
@@ -353,6 +360,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="hard cap on the disk cache, as for mount (default: 10G)",
     )
     return parser
+
+
+def add_ca_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="FILE",
+        help="also trust the CA certificates in this PEM file (a proxy's or a private CA), "
+        "besides the system's and $SSL_CERT_FILE; certificates are always verified",
+    )
+
+
+def ca_file(args: argparse.Namespace) -> Path | None:
+    """--ca-file as an absolute path, once it and $SSL_CERT_FILE are known to be usable."""
+    from .tls import TrustError, client_context
+
+    path = args.ca_file.expanduser().absolute() if args.ca_file else None
+    try:
+        client_context(path)
+    except TrustError as exc:
+        raise UsageError(str(exc)) from None
+    return path
 
 
 def add_cache_dir(parser: argparse.ArgumentParser) -> None:
@@ -405,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo.tour import run_demo
 
-            return run_demo(args.mountpoint, wait=not args.no_wait, cache_dir=args.cache_dir)
+            return run_demo(
+                args.mountpoint, wait=not args.no_wait, cache_dir=args.cache_dir, tls=args.tls
+            )
         if args.command in ("cache", "prefetch"):
             shared_options(args, argv, parser)
         if args.command == "cache":
@@ -572,6 +603,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         stall_timeout=args.stall_timeout,
         encrypt_cache=args.encrypt_cache,
         cache_key_file=cache_key_file(args),
+        ca_file=ca_file(args),
     )
     try:
         fuse_options(opts)  # a bad -o value is a usage error, found before anything starts
@@ -614,6 +646,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         encrypt_cache=args.encrypt_cache,
         cache_key_file=cache_key_file(args),
+        ca_file=ca_file(args),
     )
     return run_prefetch(opts, as_json=args.json)
 

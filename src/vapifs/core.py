@@ -20,6 +20,7 @@ from .meta import MetaStore
 from .reader import ArtifactStore
 from .resolver import Resolver
 from .retry import RetryPolicy
+from .tls import client_context
 
 # httpcore reads a response 64 KiB at a time, and each read climbs through h11, httpcore and
 # httpx: on a fast link that per-read cost, not the network, caps a download (one connection
@@ -52,9 +53,14 @@ def http_client(
     read_timeout: float,
     stall_timeout: float,
     connect_timeout: float = 5.0,
+    ca_file: Path | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
-    """The one HTTP client of a process: API and storage, bounded connections and waits."""
+    """The one HTTP client of a process: API and storage, bounded connections and waits.
+
+    Certificates are verified against the system's CAs plus SSL_CERT_FILE and `ca_file`;
+    HTTPS_PROXY, HTTP_PROXY and NO_PROXY (or their lowercase forms) are honoured as curl does.
+    """
     larger_socket_reads()
     timeout = httpx.Timeout(
         connect=connect_timeout, read=stall_timeout, write=10.0, pool=read_timeout
@@ -62,7 +68,12 @@ def http_client(
     limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
     headers = {"User-Agent": f"vapifs/{__version__}"}
     return httpx.AsyncClient(
-        timeout=timeout, limits=limits, headers=headers, cookies=NoCookies(), transport=transport
+        timeout=timeout,
+        limits=limits,
+        headers=headers,
+        cookies=NoCookies(),
+        verify=client_context(ca_file),
+        transport=transport,
     )
 
 

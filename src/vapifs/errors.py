@@ -29,6 +29,12 @@ class NetworkError(VapifsError):
     errno = errno.EIO
 
 
+class CertificateError(NetworkError):
+    """A server's TLS certificate failed verification: retrying cannot help."""
+
+    errno = errno.EIO
+
+
 class ProtocolError(VapifsError):
     """A server answered something vapifs must not trust (bad Content-Range, bad JSON...)."""
 

@@ -11,9 +11,10 @@ import httpx
 import trio
 
 from .api import Resolution
-from .errors import KeyRejected, NetworkError, VersionChanged
+from .errors import CertificateError, KeyRejected, NetworkError, VersionChanged
 from .resolver import Resolver
 from .retry import RetryPolicy, parse_retry_after
+from .tls import untrusted
 from .version import Version
 
 log = logging.getLogger("vapifs.fetch")
@@ -239,6 +240,8 @@ class Fetcher:
             request = self._client.build_request("GET", resolution.url, headers=headers)
             response = await self._client.send(request, stream=True, follow_redirects=False)
         except httpx.TransportError as exc:
+            if reason := untrusted(exc, resolution.url, "the storage host"):
+                raise CertificateError(f"{call_id}/{kind}: {reason}") from None
             raise _Retry(type(exc).__name__) from None
         try:
             status = response.status_code

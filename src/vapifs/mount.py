@@ -28,7 +28,7 @@ from .cachekey import cache_cipher
 from .core import api_client, http_client, open_core
 from .crypto import CacheKeyError, Cipher
 from .defaults import DEFAULT_REVALIDATE, default_log_file
-from .errors import KeyRejected, VapifsError
+from .errors import CertificateError, KeyRejected, VapifsError
 from .fs import Operations
 from .gzview import GzipViews
 from .redact import REDACTOR, RedactingFilter
@@ -66,6 +66,7 @@ class MountOptions:
     stall_timeout: float = 10.0
     encrypt_cache: bool = False
     cache_key_file: Path | None = None  # None: crypto.default_key_file()
+    ca_file: Path | None = None  # trusted besides the system's CAs and SSL_CERT_FILE
 
 
 def setup_logging(debug: bool, log_file: Path | None, to_stderr: bool) -> None:
@@ -187,13 +188,14 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
     client = http_client(
         read_timeout=opts.read_timeout,
         stall_timeout=opts.stall_timeout,
+        ca_file=opts.ca_file,
     )
     async with client:
         api = api_client(client, opts.api_url, opts.api_key)
         try:
             with trio.fail_after(opts.read_timeout):
                 await api.check_key()
-        except KeyRejected as exc:
+        except (KeyRejected, CertificateError) as exc:
             notifier.send(describe(exc))
             return 1
         except (VapifsError, trio.TooSlowError) as exc:

@@ -62,6 +62,7 @@ class PrefetchOptions:
     progress: bool = False
     encrypt_cache: bool = False
     cache_key_file: Path | None = None
+    ca_file: Path | None = None
 
 
 @dataclass
@@ -376,7 +377,9 @@ async def _with_core(
 ) -> None:
     """Build the FUSE-free core (as a mount does, without FUSE) and prefetch through it."""
     key = opts.key()
-    client = http_client(read_timeout=opts.read_timeout, stall_timeout=opts.stall_timeout)
+    client = http_client(
+        read_timeout=opts.read_timeout, stall_timeout=opts.stall_timeout, ca_file=opts.ca_file
+    )
     async with client:
         api = api_client(client, opts.api_url, key)
         try:

@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-stereo-mb", type=int, default=0)
     parser.add_argument("--api-key", default="demo-private-key")
     parser.add_argument("--knobs", default=None, help="JSON object of fault knobs")
+    parser.add_argument(
+        "--tls", action="store_true", help="HTTPS with a throwaway CA (its file: ca_file)"
+    )
     args = parser.parse_args(argv)
 
     calls = generate_calls(seed=args.seed, count=args.count, big_stereo_mb=args.big_stereo_mb)
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         api_port=args.api_port,
         storage_port=args.storage_port,
         seed=args.seed,
+        tls=args.tls,
     )
     if args.knobs:
         changes = json.loads(args.knobs)
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "api_url": fake.api_url,
         "storage_url": fake.storage_url,
         "api_key": fake.api_key,
+        "ca_file": fake.ca_file,
         "pid": os.getpid(),
     }
     print(json.dumps(info), flush=True)

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ from types import TracebackType
 from typing import Any, cast
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
+from vapifs.demo.certs import ThrowawayCA
 from vapifs.demo.data import (
     CONTENT_TYPES,
     ENDPOINTS,
@@ -124,8 +126,15 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
 
-    def __init__(self, addr: tuple[str, int], handler: type[_Handler], owner: FakeVapi) -> None:
+    def __init__(
+        self,
+        addr: tuple[str, int],
+        handler: type[_Handler],
+        owner: FakeVapi,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.owner = owner
+        self.tls = tls
         super().__init__(addr, handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -150,10 +159,26 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    @property
+    def role(self) -> str:
+        return "storage" if isinstance(self, _StorageHandler) else "api"
+
     def setup(self) -> None:
+        tls = cast(_Server, self.server).tls
+        if tls is not None:
+            # The handshake runs in this connection's own thread, bounded, so that a client
+            # that never finishes it holds up nobody else.
+            self.request.settimeout(10)
+            try:
+                self.request = tls.wrap_socket(self.request, server_side=True)
+            except OSError:
+                self.owner._count("tls.failed")
+                raise
+            # Each one is a new TLS session: what a client that reuses connections saves.
+            self.owner._count(f"{self.role}.tls_handshakes")
         super().setup()
         self.owner._track(self.connection, True)
-        if isinstance(self, _StorageHandler):
+        if self.role == "storage":
             self.owner._count("storage.connections")
 
     def finish(self) -> None:
@@ -161,6 +186,10 @@ class _Handler(BaseHTTPRequestHandler):
             super().finish()
         finally:
             self.owner._track(self.connection, False)
+            if isinstance(self.connection, ssl.SSLSocket):
+                # The server closes the socket it accepted, which the TLS one replaced.
+                with contextlib.suppress(OSError):
+                    self.connection.close()
 
     def handle_one_request(self) -> None:
         try:
@@ -457,6 +486,8 @@ class FakeVapi:
         secret: bytes | None = None,
         seed: int = 0,
         big_stereo_mb: int = 0,
+        tls: bool = False,
+        storage_certs: ThrowawayCA | None = None,
     ) -> None:
         if calls is None:
             calls = generate_calls(seed=seed, big_stereo_mb=big_stereo_mb)
@@ -482,6 +513,20 @@ class FakeVapi:
         # Set on pause/stop so that stalled responses give up at once.
         self._halt = threading.Event()
         self._started = False
+        # HTTPS on both servers, with a certificate that only `ca_file` makes trusted.
+        self.certs = ThrowawayCA() if tls else None
+        self._tls = self.certs.server_context() if self.certs is not None else None
+        # Storage may show a certificate of another CA: a host the client does not trust.
+        self._storage_tls = storage_certs.server_context() if storage_certs else self._tls
+
+    @property
+    def tls(self) -> bool:
+        return self.certs is not None
+
+    @property
+    def ca_file(self) -> str | None:
+        """The PEM file of the CA that signed the servers' certificate (HTTPS only)."""
+        return str(self.certs.ca_file) if self.certs is not None else None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -494,16 +539,17 @@ class FakeVapi:
         return self
 
     def _bind(self) -> None:
-        api = _Server((self.host, self._ports[0]), _ApiHandler, self)
+        api = _Server((self.host, self._ports[0]), _ApiHandler, self, self._tls)
         try:
-            storage = _Server((self.host, self._ports[1]), _StorageHandler, self)
+            storage = _Server((self.host, self._ports[1]), _StorageHandler, self, self._storage_tls)
         except OSError:
             api.server_close()
             raise
         # Remember the real ports so that resume() binds the very same ones.
         self._ports = (api.server_address[1], storage.server_address[1])
-        self.api_url = f"http://{self.host}:{self._ports[0]}"
-        self.storage_url = f"http://{self.host}:{self._ports[1]}"
+        self.api_url = f"{'https' if self._tls else 'http'}://{self.host}:{self._ports[0]}"
+        scheme = "https" if self._storage_tls else "http"
+        self.storage_url = f"{scheme}://{self.host}:{self._ports[1]}"
         for srv in (api, storage):
             th = threading.Thread(
                 target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True

@@ -80,7 +80,7 @@ def tour(mountpoint: Path, out: IO[str] = sys.stdout) -> None:
     _run(out, ["head", "-n", "8", f"{rel}/call.json"], mountpoint)
 
 
-def run_demo(mountpoint: Path, *, wait: bool, cache_dir: Path | None) -> int:
+def run_demo(mountpoint: Path, *, wait: bool, cache_dir: Path | None, tls: bool = False) -> int:
     mountpoint = mountpoint.expanduser().absolute()
     created = not mountpoint.exists()
     mountpoint.mkdir(parents=True, exist_ok=True)
@@ -88,10 +88,11 @@ def run_demo(mountpoint: Path, *, wait: bool, cache_dir: Path | None) -> int:
     if cache_dir is None:
         temp_cache = tempfile.mkdtemp(prefix="vapifs-demo-cache-")
         cache_dir = Path(temp_cache)
-    fake, info = start_fake()
+    fake, info = start_fake(*(["--tls"] if tls else []))
     mounted = False
     try:
         env = dict(os.environ, VAPI_PRIVATE_API_KEY=info["api_key"])
+        trust = ["--ca-file", info["ca_file"]] if tls else []
         result = subprocess.run(
             [
                 sys.executable,
@@ -103,6 +104,7 @@ def run_demo(mountpoint: Path, *, wait: bool, cache_dir: Path | None) -> int:
                 info["api_url"],
                 "--cache-dir",
                 str(cache_dir),
+                *trust,
             ],
             env=env,
             check=False,

@@ -122,6 +122,10 @@ async def test_the_api_client_verifies_and_names_an_untrusted_host(tls_fake: Fak
         assert api.attempts["list"] == 1
         host = tls_fake.api_url.removeprefix("https://")
         assert f"the API at {host} is not trusted" in str(info.value)
+    # The server learns of the refusal from the client's alert, a moment after the client.
+    deadline = time.monotonic() + 5
+    while tls_fake.counters().get("tls.failed", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert tls_fake.counters()["tls.failed"] == 1
     async with http_client(
         read_timeout=10, stall_timeout=5, ca_file=Path(tls_fake.ca_file)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import http.cookiejar
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,7 @@ async def open_core(
     *,
     revalidate_after: float,
     read_timeout: float,
+    wall_clock: Callable[[], float] = time.time,
 ) -> Core:
     """Open the caches under `cache_dir` and build the read path; tasks go to `nursery`."""
     await trio.to_thread.run_sync(lambda: cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
@@ -118,5 +121,6 @@ async def open_core(
         fetcher,
         revalidate_after=revalidate_after,
         read_timeout=read_timeout,
+        wall_clock=wall_clock,
     )
     return Core(resolver, fetcher, cache, meta, store)

@@ -1,0 +1,209 @@
+"""The tree and the reader driven directly, without FUSE, against the fake Vapi in process.
+
+trio's virtual clock jumps over TTLs and revalidation intervals, so that what a mount does
+over minutes and days is checked in milliseconds, with the fake's own request counters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from vapifs.calls import artifact_files
+from vapifs.core import Core, api_client, http_client, open_core
+from vapifs.demo.data import extra_call
+from vapifs.demo.server import FakeVapi
+from vapifs.errors import NotFound
+from vapifs.gzview import GzipViews
+from vapifs.tree import CALLS_INODE, NEGATIVE_TTL, Tree
+
+from .inprocess import InProcessTransport
+
+READ_TIMEOUT = 10 * 86400.0
+UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"
+
+
+@dataclass
+class Layer:
+    tree: Tree
+    core: Core
+    fake: FakeVapi
+
+    async def call_files(self, call_id: str) -> dict[str, Any]:
+        directory = await self.tree.lookup(CALLS_INODE, call_id)
+        return {node.name: node for node in await self.tree.children(directory.inode)}
+
+    async def read_file(self, call_id: str, name: str) -> bytes:
+        directory = await self.tree.lookup(CALLS_INODE, call_id)
+        node = await self.tree.lookup(directory.inode, name)
+        size = self.tree.size(node)
+        return await self.tree.read(node, 0, size, None)
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Virtual time that jumps once the run has been idle for a moment of real time: disk
+    work runs in threads, and a jump while one is under way would fire a timeout early."""
+    return trio.testing.MockClock(autojump_threshold=0.1)
+
+
+@pytest.fixture
+def fake() -> Any:
+    with FakeVapi(seed=7) as server:
+        yield server
+
+
+@asynccontextmanager
+async def layer(fake: FakeVapi, cache_dir: Path, **tree_options: Any) -> AsyncIterator[Layer]:
+    started = time.time()
+
+    def wall() -> float:  # the wall clock, moving with trio's (virtual) clock
+        return started + trio.current_time()
+
+    # Bounds far beyond the virtual sleeps of these tests: a jump must never reach them.
+    client = http_client(
+        read_timeout=READ_TIMEOUT, stall_timeout=READ_TIMEOUT, transport=InProcessTransport(fake)
+    )
+    async with client, trio.open_nursery() as nursery:
+        api = api_client(client, fake.api_url, fake.api_key)
+        core = await open_core(
+            nursery,
+            client,
+            api,
+            cache_dir,
+            1 << 30,
+            None,
+            revalidate_after=tree_options.pop("revalidate_after", 86400.0),
+            read_timeout=READ_TIMEOUT,
+            wall_clock=wall,
+        )
+        tree = Tree(
+            api,
+            core.store,
+            core.meta,
+            gz=GzipViews(core.meta, nursery=nursery),
+            nursery=nursery,
+            wall_clock=wall,
+            **tree_options,
+        )
+        yield Layer(tree, core, fake)
+        await core.store.flush()
+        nursery.cancel_scope.cancel()
+
+
+def in_window(fake: FakeVapi, now: float, days: float = 14.0) -> set[str]:
+    from vapifs.calls import created_at
+
+    return {i for i, fc in fake.calls.items() if now - (created_at(fc.call) or 0) <= days * 86400}
+
+
+def a_call_with(fake: FakeVapi, kind: str) -> str:
+    return next(i for i, fc in fake.calls.items() if kind in fc.artifacts)
+
+
+async def names(tree: Tree) -> set[str]:
+    return {node.name for node in await tree.children(CALLS_INODE)}
+
+
+async def test_files_read_through_the_tree_are_the_source(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    call_id = a_call_with(fake, "stereo")
+    async with layer(fake, tmp_path / "cache") as ly:
+        files = await ly.call_files(call_id)
+        for name, kind in artifact_files(fake.calls[call_id].call).items():
+            assert name in files
+            assert await ly.read_file(call_id, name) == fake.calls[call_id].artifacts[kind]
+
+
+async def test_the_listing_is_reused_within_dir_ttl_then_asks_only_for_newer_calls(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    async with layer(fake, tmp_path / "cache", dir_ttl=60.0) as ly:
+        assert await names(ly.tree) == in_window(fake, time.time())
+        fake.reset_counters()
+        new = extra_call(1, base_seed=fake.seed, org_id=fake.org_id)
+        fake.add_call(new)
+        await trio.sleep(59.0)
+        assert new.id not in await names(ly.tree)  # still within the TTL: no request
+        assert fake.counters()["api.list"] == 0
+        await trio.sleep(2.0)
+        assert new.id in await names(ly.tree)
+        assert len(fake.list_queries) == 1, fake.list_queries
+        assert "createdAtGt" in fake.list_queries[0]  # only calls newer than the newest seen
+
+
+async def test_an_unknown_call_id_is_asked_once_per_negative_ttl(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    async with layer(fake, tmp_path / "cache") as ly:
+        fake.reset_counters()
+        for _ in range(5):
+            with pytest.raises(NotFound):
+                await ly.tree.lookup(CALLS_INODE, UNKNOWN_ID)
+            await trio.sleep(NEGATIVE_TTL / 10)
+        assert fake.counters()["api.get"] == 1
+        await trio.sleep(NEGATIVE_TTL)
+        with pytest.raises(NotFound):
+            await ly.tree.lookup(CALLS_INODE, UNKNOWN_ID)
+        assert fake.counters()["api.get"] == 2
+
+
+async def test_an_artifact_is_revalidated_once_per_interval(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    call_id = a_call_with(fake, "stereo")
+    stereo = fake.calls[call_id].artifacts["stereo"]
+    async with layer(fake, tmp_path / "cache", revalidate_after=3600.0) as ly:
+        assert await ly.read_file(call_id, "stereo.wav") == stereo
+        await ly.core.store.flush()
+    fake.reset_counters()
+    # A new process (as after a remount): within the interval, the version on disk is trusted.
+    async with layer(fake, tmp_path / "cache", revalidate_after=3600.0) as ly:
+        await trio.sleep(1800.0)
+        assert await ly.read_file(call_id, "stereo.wav") == stereo
+        assert fake.counters()["storage.requests"] == 0
+        await trio.sleep(1801.0)
+        assert await ly.read_file(call_id, "stereo.wav") == stereo
+        # Past the interval: the version is checked (a small request), the bytes stay local.
+        assert fake.counters()[f"storage.get:{call_id}/stereo"] >= 1
+        assert fake.counters()["storage.bytes"] < len(stereo)
+
+
+async def test_a_changed_artifact_is_seen_at_revalidation_and_never_spliced(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    call_id = a_call_with(fake, "stereo")
+    async with layer(fake, tmp_path / "cache", revalidate_after=600.0) as ly:
+        old = fake.calls[call_id].artifacts["stereo"]
+        assert await ly.read_file(call_id, "stereo.wav") == old
+        new = old[:44] + bytes(b ^ 0x5A for b in old[44:])
+        fake.swap_artifact(call_id, "stereo", new)
+        assert await ly.read_file(call_id, "stereo.wav") == old  # within the interval
+        await trio.sleep(601.0)
+        assert await ly.read_file(call_id, "stereo.wav") == new
+
+
+async def test_api_errors_are_retried_with_backoff_in_bounded_time(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    fake.set_knobs(api_429_rate=1.0, retry_after=2.0)
+    async with layer(fake, tmp_path / "cache") as ly:
+        started = trio.current_time()
+        with trio.move_on_after(6.5):
+            await names(ly.tree)
+            pytest.fail("a listing succeeded while every request was refused")
+        refused = fake.counters()["fault.api_429"]
+        # Retry-After is honoured: about one try every 2 s, never a tight loop.
+        assert 2 <= refused <= 5, refused
+        fake.set_knobs(api_429_rate=0.0)
+        assert await names(ly.tree) == in_window(fake, time.time())
+        assert trio.current_time() - started < 120.0

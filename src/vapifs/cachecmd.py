@@ -62,15 +62,19 @@ def run_cache_command(action: str, cache_dir: Path, key_file: Path | None = None
         if not mounts:
             print("running mounts: none")
         for doc in mounts:
-            hits, misses = int(doc.get("cache_hits", 0)), int(doc.get("cache_misses", 0))
-            mem = int(doc.get("reader_blocks_from_memory", 0))
-            net = int(doc.get("reader_blocks_from_network", 0))
-            disk = int(doc.get("reader_blocks_from_disk", 0))
-            total = mem + disk + net
-            rate = f"{100 * (mem + disk) / total:.1f}%" if total else "-"
+            blocks, disk_cache = doc.get("blocks", {}), doc.get("cache", {})
+            hits, misses = (
+                int(disk_cache.get("disk_hits", 0)),
+                int(disk_cache.get("disk_misses", 0)),
+            )
+            mem = int(blocks.get("memory", 0))
+            net = int(blocks.get("network", 0))
+            local = int(blocks.get("disk_cache", 0))
+            total = mem + local + net
+            rate = f"{100 * (mem + local) / total:.1f}%" if total else "-"
             print(
                 f"running mount: pid {doc['pid']} on {doc.get('mountpoint')}: hit rate {rate} "
-                f"({mem} memory + {disk} disk of {total} blocks; disk {hits} hits, "
+                f"({mem} memory + {local} disk of {total} blocks; disk {hits} hits, "
                 f"{misses} misses)"
             )
         return 0

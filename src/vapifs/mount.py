@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import resource
@@ -35,6 +34,7 @@ from .redact import REDACTOR, RedactingFilter
 from .sdnotify import notify as sd_notify
 from .stats import Sources, snapshot
 from .stats import encode as encode_stats
+from .stats import publish as publish_stats
 from .tree import Tree
 
 log = logging.getLogger("vapifs")
@@ -176,14 +176,6 @@ class _Notifier:
         self._fd = None
 
 
-def _write_runtime(path: Path, payload: dict[str, object]) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
-
-
 async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None = None) -> int:
     client = http_client(
         read_timeout=opts.read_timeout,
@@ -277,31 +269,9 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                         pyfuse3.terminate()
                         return
 
-            async def write_stats() -> None:
-                started = sources.started
-                while True:
-                    payload: dict[str, object] = {
-                        "pid": os.getpid(),
-                        "mountpoint": str(opts.mountpoint),
-                        "started": started,
-                        "updated": time.time(),
-                        "api_requests": api.requests,
-                        "resolutions": core.resolver.resolutions,
-                        "storage_requests": core.fetcher.requests,
-                        "bytes_from_network": core.fetcher.bytes_received,
-                        "cache_hits": core.cache.hits,
-                        "cache_misses": core.cache.misses,
-                        "open_files": ops.open_files,
-                        **{f"reader_{k}": v for k, v in vars(core.store.stats).items()},
-                        "stats": snapshot(sources),
-                    }
-                    with contextlib.suppress(OSError):
-                        await trio.to_thread.run_sync(_write_runtime, stats_path, payload)
-                    await trio.sleep(2.0)
-
             nursery.start_soon(ready)
             nursery.start_soon(on_signals)
-            nursery.start_soon(write_stats)
+            nursery.start_soon(publish_stats, sources, stats_path)
             try:
                 await pyfuse3.main()
             finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -10,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from .api import VapiClient
 from .blocks import BlockCache
@@ -85,6 +88,8 @@ def snapshot(src: Sources, now: float | None = None) -> dict[str, Any]:
             "dir": src.cache_dir,
             "bytes_used": src.cache.bytes_used,
             "max_bytes": src.cache.max_bytes,
+            "disk_hits": src.cache.hits,
+            "disk_misses": src.cache.misses,
         },
         "note": PAGE_CACHE_NOTE,
     }
@@ -92,6 +97,23 @@ def snapshot(src: Sources, now: float | None = None) -> dict[str, Any]:
 
 def encode(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _write_runtime(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(encode(doc))
+    os.replace(tmp, path)
+
+
+async def publish(src: Sources, path: Path, every: float = 2.0) -> None:
+    """Keep `path` holding the mount's snapshot, for `vapifs cache stats` and `prefetch`
+    (which find running mounts by the files in the cache's run/ directory)."""
+    while True:
+        with contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(_write_runtime, path, snapshot(src))
+        await trio.sleep(every)
 
 
 class NotAMount(Exception):

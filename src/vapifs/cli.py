@@ -582,14 +582,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UsageError("--until must be later than --since")
     if any(not a.strip() for a in args.assistants):
         raise UsageError("--assistant needs an assistant id")
+    try:
+        fuse = fuse_options(args.fuse_options)  # a bad -o is a usage error, found at once
+    except MountError as exc:
+        raise UsageError(str(exc)) from None
     opts = MountOptions(
+        fuse=fuse,
         mountpoint=args.mountpoint.expanduser().absolute(),
         api_url=args.api_url,
         api_key=key,
         cache_dir=args.cache_dir.expanduser().absolute(),
         cache_size=args.cache_size,
         foreground=args.foreground,
-        fuse_options=args.fuse_options,
         debug=args.debug,
         log_file=args.log_file.expanduser().absolute() if args.log_file else None,
         revalidate=args.revalidate,
@@ -605,10 +609,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_key_file=cache_key_file(args),
         ca_file=ca_file(args),
     )
-    try:
-        fuse_options(opts)  # a bad -o value is a usage error, found before anything starts
-    except MountError as exc:
-        raise UsageError(str(exc)) from None
     return run_mount(opts)
 
 

@@ -30,7 +30,7 @@ from .defaults import DEFAULT_REVALIDATE, default_log_file
 from .errors import CertificateError, KeyRejected, VapifsError
 from .fs import Operations
 from .gzview import GzipViews
-from .redact import REDACTOR, RedactingFilter
+from .redact import RedactingFilter
 from .sdnotify import notify as sd_notify
 from .stats import Sources, snapshot
 from .stats import encode as encode_stats
@@ -52,7 +52,7 @@ class MountOptions:
     cache_dir: Path
     cache_size: int
     foreground: bool = False
-    fuse_options: list[str] = field(default_factory=list)
+    fuse: FuseOptions | None = None  # -o, read by fuse_options(); None: no -o given
     debug: bool = False
     log_file: Path | None = None
     revalidate: float = DEFAULT_REVALIDATE
@@ -122,12 +122,21 @@ class Ownership:
 DEFAULT_UMASK = 0o027
 
 
-def fuse_options(opts: MountOptions) -> tuple[set[str], Ownership]:
+@dataclass(frozen=True)
+class FuseOptions:
+    """-o as given, read once: the kernel's mount options and what vapifs applies itself."""
+
+    given: tuple[str, ...]
+    kernel: frozenset[str]
+    owner: Ownership
+
+
+def fuse_options(given: list[str]) -> FuseOptions:
     """Kernel mount options, and the uid/gid/umask options that vapifs applies itself."""
     options = set(pyfuse3.default_options)
     options |= {"fsname=vapifs", "subtype=vapifs", "ro", "default_permissions"}
     uid, gid, umask = os.getuid(), os.getgid(), DEFAULT_UMASK
-    for chunk in opts.fuse_options:
+    for chunk in given:
         for option in (o.strip() for o in chunk.split(",")):
             name, _, value = option.partition("=")
             try:
@@ -141,7 +150,7 @@ def fuse_options(opts: MountOptions) -> tuple[set[str], Ownership]:
                     options.add(option)
             except ValueError:
                 raise MountError(f"-o {option}: expected a number") from None
-    return options, Ownership(uid, gid, umask)
+    return FuseOptions(tuple(given), frozenset(options), Ownership(uid, gid, umask))
 
 
 PR_SET_DUMPABLE = 4
@@ -219,7 +228,8 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                 gz=GzipViews(core.meta, nursery=nursery),
                 nursery=nursery,
             )
-            kernel_options, owner = fuse_options(opts)
+            fuse = opts.fuse or fuse_options([])
+            owner = fuse.owner
             ops = Operations(
                 tree,
                 uid=owner.uid,
@@ -247,9 +257,9 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
             runtime.mkdir(exist_ok=True, mode=0o700)
             stats_path = runtime / f"{os.getpid()}.json"
             try:
-                pyfuse3.init(ops, str(opts.mountpoint), kernel_options)
+                pyfuse3.init(ops, str(opts.mountpoint), set(fuse.kernel))
             except RuntimeError as exc:
-                hint = f" (check -o {','.join(opts.fuse_options)})" if opts.fuse_options else ""
+                hint = f" (check -o {','.join(fuse.given)})" if fuse.given else ""
                 notifier.send(f"cannot mount {opts.mountpoint}: {exc}{hint}")
                 nursery.cancel_scope.cancel()
                 return 1
@@ -331,7 +341,6 @@ def _check_writable(opts: MountOptions) -> None:
 def run_mount(opts: MountOptions) -> int:
     """Mount; in the foreground until a signal, else return once the mount answers."""
     check_mountpoint(opts.mountpoint)
-    fuse_options(opts)  # bad -o values are reported here, before anything starts
     if not opts.foreground and opts.log_file is None:
         opts.log_file = default_log_file()
     _check_writable(opts)
@@ -340,7 +349,6 @@ def run_mount(opts: MountOptions) -> int:
         cipher = cache_cipher(opts.cache_dir, opts.encrypt_cache, opts.cache_key_file)
     except CacheKeyError as exc:
         raise MountError(str(exc)) from None
-    REDACTOR.add_secret(opts.api_key)
     _harden_process()
     if opts.foreground:
         setup_logging(opts.debug, opts.log_file, to_stderr=opts.log_file is None)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import ast
+import pkgutil
 import subprocess
 import sys
+from pathlib import Path
+
+import vapifs
+
+FUSE = {"fs", "mount"}  # the only modules that may import pyfuse3
 
 BLOCK_PYFUSE3 = """
 import sys
+from pathlib import Path
 class NoPyfuse3:
     def find_spec(self, name, path=None, target=None):
         if name == "pyfuse3" or name.startswith("pyfuse3."):
@@ -21,8 +29,9 @@ def run(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_core_imports_without_pyfuse3() -> None:
-    core = ["api", "blocks", "meta", "cachekey", "core", "fetch", "gzview", "prefetch", "reader"]
-    core += ["resolver", "tree", "version"]
+    # Every module but the FUSE adapter and the mount's main loop, present and future.
+    core = sorted(m.name for m in pkgutil.iter_modules(vapifs.__path__) if m.name not in FUSE)
+    assert {"api", "blocks", "core", "fetch", "reader", "resolver", "tree"} <= set(core)
     code = BLOCK_PYFUSE3 + "".join(f"import vapifs.{name}\n" for name in core)
     code += "assert 'pyfuse3' not in sys.modules\nprint('ok')\n"
     result = run(code)
@@ -42,3 +51,105 @@ def test_help_loads_neither_fuse_nor_the_network_stack() -> None:
     result = run(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# The flow, top to bottom: a module may import only modules of its own rank or below, and
+# the graph has no cycle. A new module takes its place here (the README's module table).
+RANKS = {
+    "cli": 0,
+    "mount": 1,
+    "prefetch": 1,
+    "cachecmd": 2,
+    "fs": 2,
+    "stats": 3,
+    "core": 3,
+    "tree": 4,
+    "gzview": 5,
+    "reader": 5,
+    "blocks": 6,
+    "meta": 6,
+    "fetch": 7,
+    "resolver": 8,
+    "api": 9,
+    # Leaves: no state of the flow, imported from anywhere.
+    **dict.fromkeys(
+        [
+            "atrest",
+            "cachefiles",
+            "cachekey",
+            "calls",
+            "config",
+            "crypto",
+            "defaults",
+            "errors",
+            "redact",
+            "retry",
+            "sdnotify",
+            "units",
+            "version",
+        ],
+        10,
+    ),
+}
+
+
+def imports_of(path: Path, package: str) -> set[str]:
+    """The vapifs modules a file imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+            module = ".".join([*base, node.module] if node.module else base)
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vapifs"):
+            found.add(str(node.module))
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("vapifs"))
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    root = Path(vapifs.__file__).parent
+    modules = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        package = "vapifs." + name if path.name == "__init__.py" else f"vapifs.{name}"
+        package = package if path.name == "__init__.py" else package.rsplit(".", 1)[0]
+        found = {m.removeprefix("vapifs.") for m in imports_of(path, package)}
+        graph[name] = {m for m in found if m in modules and m not in (name, "")}
+    return graph
+
+
+def test_imports_run_down_the_flow_without_cycles() -> None:
+    graph = import_graph()
+    flow = {name: deps for name, deps in graph.items() if not name.startswith("demo")}
+    unplaced = sorted(set(flow) - set(RANKS) - {""})
+    assert not unplaced, f"give these modules a rank in RANKS: {unplaced}"
+    upward = [
+        f"{name} -> {dep}"
+        for name, deps in flow.items()
+        for dep in deps
+        if name in RANKS and dep in RANKS and RANKS[dep] < RANKS[name]
+    ]
+    assert not upward, upward
+    # No cycle: repeatedly remove modules that import nothing left.
+    left = {name: set(deps) for name, deps in graph.items()}
+    while left:
+        free = [name for name, deps in left.items() if not deps & set(left)]
+        assert free, f"an import cycle among {sorted(left)}"
+        for name in free:
+            del left[name]
+
+
+def test_the_fake_stands_apart_from_the_code_it_fakes() -> None:
+    # The fake Vapi must not borrow the production tables: a shared mistake would pass.
+    graph = import_graph()
+    for name, deps in graph.items():
+        if name.startswith("demo") and name != "demo.tour":
+            assert all(dep.startswith("demo") for dep in deps), (name, deps)

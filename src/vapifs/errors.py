@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 
+from .version import Version
+
 
 class VapifsError(Exception):
     """Base of every error vapifs raises on purpose; `errno` is what a reader sees."""
@@ -46,6 +48,6 @@ class VersionChanged(VapifsError):
 
     errno = errno.EIO
 
-    def __init__(self, message: str, new_version: object) -> None:
+    def __init__(self, message: str, new_version: Version) -> None:
         super().__init__(message)
         self.new_version = new_version

@@ -254,7 +254,6 @@ class ArtifactStore:
                     version = await self.version(call_id, kind)
                     data = await self._read(call_id, kind, version, offset, size, stream)
                 except VersionChanged as exc:
-                    assert isinstance(exc.new_version, Version)
                     state = self._artifacts.setdefault((call_id, kind), _Artifact())
                     async with state.lock:
                         await self._adopt(call_id, kind, state, exc.new_version)

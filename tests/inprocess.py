@@ -60,7 +60,7 @@ class InProcessTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, fake: FakeVapi) -> None:
         self.fake = fake
-        self._server = SimpleNamespace(owner=fake)
+        self._server = SimpleNamespace(owner=fake, tls=None)  # plain HTTP: no handshake
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         api = httpx.URL(self.fake.api_url)

@@ -85,6 +85,7 @@ RANKS = {
             "redact",
             "retry",
             "sdnotify",
+            "tls",
             "units",
             "version",
         ],

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import hashlib
 import os
 import random
 import re
@@ -21,6 +19,15 @@ from vapifs.calls import artifact_files
 from vapifs.demo.data import variant_artifact
 from vapifs.demo.server import FakeVapi
 
+from .blockfiles import (
+    block_count,
+    block_files,
+    disk_bytes,
+    files_of,
+    patch,
+    records,
+    slot_offset,
+)
 from .conftest import VAPIFS, Mount, MountFactory, force_unmount
 
 pytestmark = pytest.mark.mount
@@ -52,13 +59,8 @@ def gets(fake: FakeVapi, call_id: str, kind: str) -> int:
     return fake.counters().get(f"storage.get:{call_id}/{kind}", 0)
 
 
-def block_files(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / "blocks").rglob("*.blk"))
-
-
-def blocks_of(cache_dir: Path, call_id: str, kind: str) -> list[Path]:
-    h = hashlib.sha256(f"{call_id}/{kind}".encode()).hexdigest()[:32]
-    return sorted((cache_dir / "blocks" / h[:2] / h).glob("*.blk"))
+def blocks_of(cache_dir: Path, call_id: str, kind: str) -> list[int]:
+    return sorted(i for p in files_of(cache_dir, call_id, kind) for i in records(p))
 
 
 def cache_cmd(action: str, cache_dir: Path) -> str:
@@ -150,10 +152,9 @@ def test_a_damaged_block_is_dropped_and_fetched_again_with_one_warning(
     m.stop()
     blocks = blocks_of(m.cache_dir, call_id, kind)
     assert len(blocks) == -(-len(data) // MiB)
-    victim = blocks[len(blocks) // 2]
-    raw = bytearray(victim.read_bytes())
-    raw[-1000] ^= 0x40  # in the data, not the header
-    victim.write_bytes(bytes(raw))
+    (path,) = files_of(m.cache_dir, call_id, kind)
+    at = slot_offset(path, blocks[len(blocks) // 2]) + MiB - 1000  # in the data, not the header
+    patch(path, at, bytes([path.read_bytes()[at] ^ 0x40]))
 
     big.reset_counters()
     m2 = mount_factory(server=big)
@@ -187,8 +188,8 @@ def test_a_new_version_between_two_mounts_is_served_whole(
     assert path.read_bytes() == new
     m2.stop()
     # Nothing of the old version is left on disk.
-    token_names = {p.name.split("-")[0] for p in blocks_of(m.cache_dir, call_id, kind)}
-    assert len(token_names) == 1
+    # One file per version: one file left.
+    assert len(files_of(m.cache_dir, call_id, kind)) == 1
 
 
 def test_a_new_version_met_mid_read_is_never_mixed_with_the_old(
@@ -235,11 +236,7 @@ def test_cache_size_of_three_blocks_holds(big: FakeVapi, mount_factory: MountFac
     done = threading.Event()
 
     def on_disk() -> int:
-        total = 0
-        for p in block_files(m.cache_dir):
-            with contextlib.suppress(FileNotFoundError):
-                total += p.stat().st_size
-        return total
+        return disk_bytes(m.cache_dir)
 
     def watch() -> None:
         nonlocal most
@@ -261,7 +258,7 @@ def test_cache_size_of_three_blocks_holds(big: FakeVapi, mount_factory: MountFac
     assert total >= 50 * 1000 * 1000
     assert most <= 3 * MiB
     assert on_disk() <= 3 * MiB
-    assert 1 <= len(block_files(m.cache_dir)) <= 3
+    assert 1 <= block_count(m.cache_dir) <= 3
     m.stop()
     # The cap holds across a restart too, and what is left is sound.
     m2 = mount_factory("--cache-size", "3M", server=big)
@@ -389,11 +386,11 @@ def test_cache_commands(fake: FakeVapi, mount_factory: MountFactory) -> None:
     for call_id, name, _kind, data in files[:3]:
         assert (m.calls / call_id / name).read_bytes() == data
     time.sleep(2.5)  # the mount publishes its figures every 2 s
-    on_disk = block_files(m.cache_dir)
+    blocks = block_count(m.cache_dir)
     stats = cache_cmd("stats", m.cache_dir)
-    size = sum(p.stat().st_size for p in on_disk)
-    assert f"bytes:       {size} " in stats
-    assert f"blocks:      {len(on_disk)}\n" in stats
+    size = int(re.findall(r"bytes:       (\d+) ", stats)[0])
+    assert disk_bytes(m.cache_dir) <= size <= disk_bytes(m.cache_dir) + 3 * 3 * 4096
+    assert f"blocks:      {blocks}\n" in stats
     assert "artifacts:   3\n" in stats
     assert re.search(r"oldest access: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", stats)
     assert re.search(r"newest access: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", stats)
@@ -404,15 +401,15 @@ def test_cache_commands(fake: FakeVapi, mount_factory: MountFactory) -> None:
     memory, disk, total = (int(rate.group(i)) for i in (1, 2, 3))
     assert total - memory - disk >= 3 and disk == 0, stats
 
-    victim = on_disk[0]
+    victim = block_files(m.cache_dir)[0]
     raw = bytearray(victim.read_bytes())
     raw[-1] ^= 1
     victim.write_bytes(bytes(raw))
-    assert f"checked {len(on_disk)} blocks: 1 bad" in cache_cmd("verify", m.cache_dir)
-    assert f"checked {len(on_disk) - 1} blocks: 0 bad" in cache_cmd("verify", m.cache_dir)
+    assert f"checked {blocks} blocks: 1 bad" in cache_cmd("verify", m.cache_dir)
+    assert f"checked {blocks - 1} blocks: 0 bad" in cache_cmd("verify", m.cache_dir)
 
     out = cache_cmd("clear", m.cache_dir)
-    assert f"cleared {len(on_disk) - 1} blocks" in out
+    assert f"cleared {blocks - 1} blocks" in out
     assert "running mount" in out
     assert block_files(m.cache_dir) == []
     for call_id, name, _kind, data in files:

@@ -9,12 +9,13 @@ import re
 import shutil
 import subprocess
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 
 from vapifs.atrest import KEYCHECK_NAME, forget_encryption, stored_format
-from vapifs.blocks import BlockCache
+from vapifs.blocks import HEADER_AT, BlockCache
 from vapifs.cachefiles import ENC_MAGIC
 from vapifs.cachekey import cache_cipher
 from vapifs.calls import artifact_files
@@ -24,6 +25,19 @@ from vapifs.demo.server import FakeVapi
 from vapifs.meta import MetaStore
 from vapifs.version import Version
 
+from .blockfiles import (
+    block_count,
+    block_file,
+    block_files,
+    clear_record,
+    disk_bytes,
+    files_of,
+    patch,
+    records,
+    slot,
+    slot_offset,
+    write_record,
+)
 from .conftest import VAPIFS, Mount, MountFactory, force_unmount
 
 BS = 4096
@@ -48,15 +62,6 @@ def make(root: Path, key: bytes | None = KEY) -> BlockCache:
     return cache
 
 
-def block_files(root: Path) -> list[Path]:
-    return sorted((root / "blocks").rglob("*.blk"))
-
-
-def artifact_dir(root: Path, call_id: str = CALL, kind: str = KIND) -> Path:
-    h = hashlib.sha256(f"{call_id}/{kind}".encode()).hexdigest()[:32]
-    return root / "blocks" / h[:2] / h
-
-
 def all_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
@@ -75,37 +80,35 @@ def test_sealed_blocks_round_trip_and_reveal_nothing(tmp_path: Path) -> None:
         assert cache.put(CALL, KIND, V1, i, payload(V1, i))
     for i in range(11):
         assert cache.get(CALL, KIND, V1, i) == payload(V1, i)
-    files = block_files(root)
-    assert len(files) == 11
-    everything = b"".join(p.read_bytes() for p in files)
-    assert all(p.read_bytes().startswith(ENC_MAGIC) for p in files)
+    (path,) = block_files(root)
+    everything = path.read_bytes()
+    assert everything[HEADER_AT : HEADER_AT + len(ENC_MAGIC)] == ENC_MAGIC
     for needle in (b"RIFF", b"WAVE", b"fmt ", CALL.encode(), b"call_id", b'"abc"', b"crc32"):
         assert needle not in everything, needle
     assert payload(V1, 3)[1000:1064] not in everything
-    assert cache.bytes_used == sum(p.stat().st_size for p in files)  # the cap counts sealed size
-    # Another instance (a remount) with the same key reads them all; the plain format still
-    # starts with its own magic, so the two cannot be confused.
+    # The cap counts sealed sizes: nonce and tag included.
+    assert {i: stored for i, (stored, _crc) in records(path).items()} == {
+        i: len(payload(V1, i)) + 28 for i in range(11)
+    }
+    assert disk_bytes(root) <= cache.bytes_used
+    # Another instance (a remount) with the same key reads them all; the plain format's
+    # header is JSON where this one's starts with ENC_MAGIC, so the two cannot be confused.
     again = make(root)
     assert [again.get(CALL, KIND, V1, i) for i in range(11)] == [payload(V1, i) for i in range(11)]
     assert again.verify().bad == 0
 
 
-def tampered(good: bytes) -> dict[str, bytes]:
-    flip = bytearray(good)
-    flip[len(flip) // 2] ^= 0x01
-    tag = bytearray(good)
-    tag[-1] ^= 0x80
-    nonce = bytearray(good)
-    nonce[len(ENC_MAGIC)] ^= 0x01
+def tampered(path: Path, index: int) -> dict[str, tuple[int, bytes] | int]:
+    """Ways a sealed block's slot can be wrong: (offset, bytes) to write, or where to cut."""
+    at = slot_offset(path, index)
+    sealed = slot(path, index)
     return {
-        "flipped byte": bytes(flip),
-        "flipped tag": bytes(tag),
-        "flipped nonce": bytes(nonce),
-        "truncated": good[:-1],
-        "extra byte": good + b"x",
-        "magic only": ENC_MAGIC,
-        "empty": b"",
-        "plain magic": b"VAPIFSB1" + good[len(ENC_MAGIC) :],
+        "flipped byte": (at + len(sealed) // 2, bytes([sealed[len(sealed) // 2] ^ 0x01])),
+        "flipped tag": (at + len(sealed) - 1, bytes([sealed[-1] ^ 0x80])),
+        "flipped nonce": (at, bytes([sealed[0] ^ 0x01])),
+        "zeroed": (at, bytes(len(sealed))),
+        "truncated": at + len(sealed) - 1,
+        "cut at the slot": at,
     }
 
 
@@ -116,9 +119,11 @@ def test_tampered_block_is_dropped_with_one_warning(
     cache = make(root)
     assert cache.put(CALL, KIND, V1, 2, payload(V1, 2))
     (path,) = block_files(root)
-    good = path.read_bytes()
-    for name, raw in tampered(good).items():
-        path.write_bytes(raw)
+    for name, damage in tampered(path, 2).items():
+        if isinstance(damage, int):
+            os.truncate(path, damage)
+        else:
+            patch(path, *damage)
         cache.open()
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="vapifs.cache"):
@@ -130,32 +135,46 @@ def test_tampered_block_is_dropped_with_one_warning(
         ], name
         assert cache.put(CALL, KIND, V1, 2, payload(V1, 2))  # fetched again: served again
         assert cache.get(CALL, KIND, V1, 2) == payload(V1, 2), name
-        good = path.read_bytes()
+    # A plain block with a sound record in a sealed block's place is no block either.
+    patch(path, slot_offset(path, 2), payload(V1, 2))
+    write_record(path, 2, BS, zlib.crc32(payload(V1, 2)))
+    cache.open()
+    assert cache.get(CALL, KIND, V1, 2) is None
 
 
-def test_a_sealed_block_never_opens_under_another_name(tmp_path: Path) -> None:
+def test_a_sealed_block_never_opens_under_another_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The associated data binds a blob to call, kind, version and index: swaps fail."""
     root = tmp_path / "c"
     cache = make(root)
     assert cache.put(CALL, KIND, V1, 0, payload(V1, 0))
-    src = artifact_dir(root) / f"{V1.token()}-0.blk"
+    src = block_file(root, CALL, KIND, V1)
     asks = [
-        (artifact_dir(root) / f"{V1.token()}-1.blk", (CALL, KIND, V1, 1)),
-        (artifact_dir(root) / f"{V2.token()}-0.blk", (CALL, KIND, V2, 0)),
-        (
-            artifact_dir(root, kind="stereo-recording") / f"{V1.token()}-0.blk",
-            (CALL, "stereo-recording", V1, 0),
-        ),
-        (artifact_dir(root, call_id=OTHER_CALL) / f"{V1.token()}-0.blk", (OTHER_CALL, KIND, V1, 0)),
+        (CALL, KIND, V2),
+        (CALL, "stereo-recording", V1),
+        (OTHER_CALL, KIND, V1),
     ]
-    for target, _ask in asks:
+    targets = [block_file(root, *ask) for ask in asks]
+    for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, target)
-    cache.open()
-    for target, (call_id, kind, version, index) in asks:
-        assert cache.has(call_id, kind, version, index)
-        assert cache.get(call_id, kind, version, index) is None
-        assert not target.exists()
+    copied = src.stat().st_size
+    # Within the file: block 0's sealed bytes in block 1's slot, under a sound record.
+    sealed = slot(src, 0)
+    patch(src, slot_offset(src, 1), sealed)
+    write_record(src, 1, len(sealed), zlib.crc32(sealed))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vapifs.cache"):
+        cache.open()
+        for target, (call_id, kind, version) in zip(targets, asks, strict=True):
+            assert not cache.has(call_id, kind, version, 0)
+            assert cache.get(call_id, kind, version, 0) is None
+            assert not target.exists()
+        assert cache.get(CALL, KIND, V1, 1) is None
+    assert warnings_of(caplog) == [f"cache: dropped a damaged block file ({copied} bytes)"] * 3 + [
+        f"cache: dropped a damaged block of {CALL}/{KIND} #1; fetching it again"
+    ]
     report = make(root).verify()
     assert (report.checked, report.bad) == (1, 0)
     assert cache.get(CALL, KIND, V1, 0) == payload(V1, 0)
@@ -178,18 +197,22 @@ def test_verify_with_a_cipher(tmp_path: Path) -> None:
     for i in range(4):
         assert cache.put(CALL, KIND, V1, i, payload(V1, i))
     assert cache.verify().bad == 0
-    p1 = artifact_dir(root) / f"{V1.token()}-1.blk"
-    raw = bytearray(p1.read_bytes())
-    raw[100] ^= 0x04
-    p1.write_bytes(bytes(raw))
-    (artifact_dir(root) / f"{V1.token()}-2.blk").rename(artifact_dir(root) / f"{V1.token()}-7.blk")
+    (path,) = block_files(root)
+    patch(path, slot_offset(path, 1) + 100, bytes([slot(path, 1)[100] ^ 0x04]))
+    # Block 2 moved to index 7, with a sound record there.
+    sealed = slot(path, 2)
+    clear_record(path, 2)
+    patch(path, slot_offset(path, 7), sealed)
+    write_record(path, 7, len(sealed), zlib.crc32(sealed))
     report = cache.verify()
     assert (report.checked, report.bad) == (4, 2)
     assert cache.verify().bad == 0
-    # Counting needs no key: stats works from the file names and sizes.
+    # Counting needs no key: stats works from the records, which are not sealed.
     plain = BlockCache(root, max_bytes=1 << 30, block_size=BS)
     plain.open()
     assert plain.stats().blocks == 2
+    assert block_files(root) == [path]  # and a cache opened without the key deletes nothing
+    assert [make(root).get(CALL, KIND, V1, i) for i in (0, 3)] == [payload(V1, 0), payload(V1, 3)]
 
 
 def test_sealing_a_large_block_is_cheap(tmp_path: Path) -> None:
@@ -354,8 +377,11 @@ def needles(fake: FakeVapi) -> dict[str, bytes]:
     for call_id, name, data in sources(fake):
         for k in (1, 2, 3):
             at = len(data) * k // 4
-            if len(data) >= 256:
-                found[f"bytes of {call_id}/{name} at {at}"] = data[at : at + 64]
+            chunk = data[at : at + 64]
+            # A run of one byte value (silence) says nothing, and holes in sparse block files
+            # read as zeros: such a needle would find the file system, not the recording.
+            if len(data) >= 256 and len(set(chunk)) > 1:
+                found[f"bytes of {call_id}/{name} at {at}"] = chunk
     return found
 
 
@@ -389,7 +415,7 @@ def test_encrypted_mount_stores_nothing_readable_and_remounts_offline(
     assert os.stat(key_file).st_mode & 0o777 == 0o600
     m.stop()
     assert_nothing_readable(m.cache_dir, fake)
-    assert (m.cache_dir / "blocks").exists() and (m.cache_dir / "meta").exists()
+    assert (m.cache_dir / "store").exists() and (m.cache_dir / "meta").exists()
 
     fake.reset_counters()
     m2 = mount_factory(*enc, cache_dir=m.cache_dir)
@@ -505,12 +531,12 @@ def test_tampered_encrypted_block_is_fetched_again(
     assert (m.calls / call_id / name).read_bytes() == data
     m.stop()
     kind = artifact_files(fake.calls[call_id].call)[name]
-    victims = sorted(artifact_dir(m.cache_dir, call_id, kind).glob("*.blk"))
-    assert len(victims) >= 2
-    victim = victims[len(victims) // 2]
-    raw = bytearray(victim.read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    victim.write_bytes(bytes(raw))
+    (victim,) = files_of(m.cache_dir, call_id, kind)
+    present = sorted(records(victim))
+    assert len(present) >= 2
+    index = present[len(present) // 2]
+    at = slot_offset(victim, index) + 1000
+    patch(victim, at, bytes([victim.read_bytes()[at] ^ 0x01]))
     fake.reset_counters()
     m2 = mount_factory(*enc, cache_dir=m.cache_dir)
     assert (m2.calls / call_id / name).read_bytes() == data
@@ -544,11 +570,13 @@ def test_cache_commands_on_an_encrypted_cache(
     assert (m.calls / call_id / name).read_bytes() == data
     m.stop()
     on_disk = block_files(m.cache_dir)
+    blocks = block_count(m.cache_dir)
+    assert blocks >= 2
     # stats needs no key
     env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "nokey"))
     stats = cache_cmd("stats", m.cache_dir, env=env)
     assert stats.returncode == 0, stats.stderr
-    assert f"blocks:      {len(on_disk)}\n" in stats.stdout
+    assert f"blocks:      {blocks}\n" in stats.stdout
     assert "encrypted:   yes\n" in stats.stdout
     # verify does, and says so in one line when it is not there
     refused = cache_cmd("verify", m.cache_dir, env=env)
@@ -560,7 +588,7 @@ def test_cache_commands_on_an_encrypted_cache(
     on_disk[0].write_bytes(bytes(raw))
     verify = cache_cmd("verify", m.cache_dir, "--cache-key-file", str(key_file))
     assert verify.returncode == 0, verify.stderr
-    assert f"checked {len(on_disk)} blocks: 1 bad" in verify.stdout
+    assert f"checked {blocks} blocks: 1 bad" in verify.stdout
     # clear needs nothing, and leaves a cache that either kind of mount may take
     cleared = cache_cmd("clear", m.cache_dir, env=env)
     assert cleared.returncode == 0, cleared.stderr

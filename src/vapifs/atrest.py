@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from .blocks import HEADER_AT
 from .cachefiles import ENC_MAGIC, FILE_MODE, ensure_dir, write_all
 from .crypto import Cipher
 
@@ -23,10 +24,13 @@ def stored_format(root: Path) -> CacheFormat:
     """How the cache in root was written: told by its key check, else by one data file."""
     if (root / KEYCHECK_NAME).exists():
         return "encrypted"
-    for pattern in ("blocks/*/*/*.blk", "meta/*/*.json"):
+    # A block file's header blob follows its fixed part; a metadata file starts sealed.
+    files = (("store/*/*.vblk", HEADER_AT), ("blocks/*/*/*.blk", 0), ("meta/*/*.json", 0))
+    for pattern, at in files:
         for path in root.glob(pattern):
             try:
                 with open(path, "rb") as f:
+                    f.seek(at)
                     head = f.read(len(ENC_MAGIC))
             except OSError:
                 continue

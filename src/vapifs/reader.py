@@ -413,11 +413,6 @@ class ArtifactStore:
             found[index] = pending.data
         return [found[i] for i in range(first, last + 1)]
 
-    def _disk_get_many(
-        self, call_id: str, kind: str, version: Version, indexes: list[int]
-    ) -> list[bytes | None]:
-        return [self.cache.get(call_id, kind, version, i) for i in indexes]
-
     def _register(
         self, call_id: str, kind: str, version: Version, indexes: list[int]
     ) -> dict[int, _Pending]:
@@ -622,7 +617,7 @@ class ArtifactStore:
             try:
                 async with self._disk_limiter:
                     datas = await trio.to_thread.run_sync(
-                        self._disk_get_many, call_id, kind, version, batch
+                        self.cache.get_many, call_id, kind, version, batch
                     )
             except BaseException:
                 for index in indexes[at:]:

@@ -354,8 +354,8 @@ class Bench:
             self.api_url,
             "--cache-dir",
             str(cache),
-            "--days",
-            "30",
+            "--since",
+            "30d",
         ]
         proc = self.runner.start(f"vapifs-{self.mount_seq:02d}-{name}", cmd, env=env, mountpoint=mp)
         self._wait_mounted(proc)

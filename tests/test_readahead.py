@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import time
@@ -12,6 +11,7 @@ import pytest
 
 from vapifs.demo.server import FakeVapi
 
+from .blockfiles import files_of, records
 from .conftest import MountFactory
 
 pytestmark = pytest.mark.mount
@@ -28,8 +28,7 @@ def big_call(fake: FakeVapi) -> tuple[str, bytes]:
 
 
 def blocks_on_disk(cache_dir: Path, call_id: str, kind: str = "stereo") -> int:
-    h = hashlib.sha256(f"{call_id}/{kind}".encode()).hexdigest()[:32]
-    return len(list((cache_dir / "blocks" / h[:2] / h).glob("*.blk")))
+    return sum(len(records(p)) for p in files_of(cache_dir, call_id, kind))
 
 
 def test_a_sequential_read_goes_out_as_few_large_requests(mount_factory: MountFactory) -> None:

@@ -318,13 +318,31 @@ class ArtifactStore:
                 f"{call_id}/{kind}: bytes {offset}-{end - 1} not fetched within "
                 f"{self.read_timeout:g}s"
             )
+        if sequential:
+            self._consumed(call_id, kind, version, first, end)
         start = offset - first * bs
         if first == last:
             block = blocks[0]
             if start == 0 and end - offset == len(block):
                 return block
             return block[start : start + (end - offset)]
-        return b"".join(blocks)[start : start + (end - offset)]
+        # One copy: views of the blocks' parts, joined.
+        tail = end - last * bs
+        parts: list[bytes | memoryview] = [memoryview(blocks[0])[start:], *blocks[1:-1]]
+        parts.append(memoryview(blocks[-1])[:tail])
+        return b"".join(parts)
+
+    def _consumed(self, call_id: str, kind: str, version: Version, first: int, end: int) -> None:
+        """A sequential reader is past these blocks: they leave the memory cache.
+
+        The kernel keeps what it was given (keep_cache), so they are not asked again soon,
+        while read-ahead blocks not yet read are: an LRU would otherwise evict those first
+        (they were stored before the blocks just read were touched), and read them back
+        from the disk.
+        """
+        token = version.token()
+        for index in range(first, end // self.block_size + (end == version.size)):
+            self._memory.pop((call_id, kind, token, index), None)
 
     def _note_gave_up(self, call_id: str, kind: str, exc: VapifsError) -> None:
         if isinstance(exc, _Abandoned):

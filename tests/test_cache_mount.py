@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +22,8 @@ import pytest
 from vapifs.calls import artifact_files
 from vapifs.demo.data import variant_artifact
 from vapifs.demo.server import FakeVapi
+from vapifs.meta import MetaStore
+from vapifs.version import Version
 
 from .blockfiles import (
     block_count,
@@ -436,3 +442,71 @@ def test_blocks_read_just_before_an_unmount_are_all_on_disk(
         m2.stop()
     finally:
         big.resume()
+
+
+def write_older_layout(cache_dir: Path, call_id: str, kind: str, data: bytes) -> int:
+    """The artifact's blocks as the layout before this one kept them: a file per block under
+    blocks/, each a magic, a JSON header and the data. Returns how many were written."""
+    doc = MetaStore(cache_dir).get("artifact", f"{call_id}/{kind}")
+    assert doc is not None
+    version = doc["version"]
+    token = Version.from_json(version).token()
+    h = hashlib.sha256(f"{call_id}/{kind}".encode()).hexdigest()[:32]
+    folder = cache_dir / "blocks" / h[:2] / h
+    folder.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for index in range(0, -(-len(data) // MiB)):
+        chunk = data[index * MiB : (index + 1) * MiB]
+        header = json.dumps(
+            {
+                "call_id": call_id,
+                "kind": kind,
+                "version": version,
+                "index": index,
+                "length": len(chunk),
+                "crc32": zlib.crc32(chunk),
+            },
+            separators=(",", ":"),
+        ).encode()
+        block = b"VAPIFSB1" + struct.pack(">I", len(header)) + header + chunk
+        (folder / f"{token}-{index}.blk").write_bytes(block)
+        count += 1
+    return count
+
+
+def test_a_cache_of_the_older_layout_is_dropped_once_and_reads_stay_identical(
+    big: FakeVapi, mount_factory: MountFactory
+) -> None:
+    call_id, name, kind, data = biggest(big, 1)[0]
+    m = mount_factory(server=big)
+    assert (m.calls / call_id / name).read_bytes() == data
+    m.stop()
+    cache_dir = m.cache_dir
+    # The same cache as the older layout would have left it: its metadata (versions, call
+    # objects) as they are, its blocks one file each, and none in this layout.
+    for p in block_files(cache_dir):
+        p.unlink()
+    written = write_older_layout(cache_dir, call_id, kind, data)
+    assert written == -(-len(data) // MiB)
+
+    big.reset_counters()
+    m2 = mount_factory(server=big, cache_dir=cache_dir)
+    assert (m2.calls / call_id / name).read_bytes() == data
+    m2.stop()
+    lines = [line for line in m2.log_text().splitlines() if "older cache layout" in line]
+    assert len(lines) == 1, lines
+    assert f"dropped {written} blocks of an older cache layout" in lines[0]
+    assert " INFO " in lines[0]
+    assert warnings(m2) == []
+    assert not (cache_dir / "blocks").exists()
+    assert gets(big, call_id, kind) >= 1  # fetched again, never read from the old files
+    assert blocks_of(cache_dir, call_id, kind) == list(range(written))
+
+    # This layout is never taken for the older one: the next mount drops nothing and reads
+    # the file from the disk alone.
+    big.reset_counters()
+    m3 = mount_factory(server=big, cache_dir=cache_dir)
+    assert (m3.calls / call_id / name).read_bytes() == data
+    m3.stop()
+    assert "older cache layout" not in m3.log_text()
+    assert gets(big, call_id, kind) == 0

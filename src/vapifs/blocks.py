@@ -1070,8 +1070,3 @@ class BlockCache:
             oldest_access=min(atimes) if atimes else None,
             newest_access=max(atimes) if atimes else None,
         )
-
-    def close(self) -> None:
-        """Close the open block files (the cache stays usable: they open again on demand)."""
-        with self._lock:
-            self._close_all_locked()

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from vapifs.atrest import KEYCHECK_NAME, forget_encryption, stored_format
-from vapifs.blocks import HEADER_AT, BlockCache
-from vapifs.cachefiles import ENC_MAGIC
+from vapifs.blocks import BlockCache
+from vapifs.cachefiles import BLOCK_HEADER_AT, ENC_MAGIC
 from vapifs.cachekey import cache_cipher
 from vapifs.calls import artifact_files
 from vapifs.crypto import CacheKeyError, Cipher, load_key
@@ -82,7 +82,7 @@ def test_sealed_blocks_round_trip_and_reveal_nothing(tmp_path: Path) -> None:
         assert cache.get(CALL, KIND, V1, i) == payload(V1, i)
     (path,) = block_files(root)
     everything = path.read_bytes()
-    assert everything[HEADER_AT : HEADER_AT + len(ENC_MAGIC)] == ENC_MAGIC
+    assert everything[BLOCK_HEADER_AT : BLOCK_HEADER_AT + len(ENC_MAGIC)] == ENC_MAGIC
     for needle in (b"RIFF", b"WAVE", b"fmt ", CALL.encode(), b"call_id", b'"abc"', b"crc32"):
         assert needle not in everything, needle
     assert payload(V1, 3)[1000:1064] not in everything

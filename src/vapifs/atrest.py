@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from .blocks import HEADER_AT
-from .cachefiles import ENC_MAGIC, FILE_MODE, ensure_dir, write_all
+from .cachefiles import BLOCK_HEADER_AT, ENC_MAGIC, FILE_MODE, ensure_dir, write_all
 from .crypto import Cipher
 
 # Present in an encrypted cache's root: a constant sealed with its key, to refuse another key
@@ -25,7 +24,7 @@ def stored_format(root: Path) -> CacheFormat:
     if (root / KEYCHECK_NAME).exists():
         return "encrypted"
     # A block file's header blob follows its fixed part; a metadata file starts sealed.
-    files = (("store/*/*.vblk", HEADER_AT), ("blocks/*/*/*.blk", 0), ("meta/*/*.json", 0))
+    files = (("store/*/*.vblk", BLOCK_HEADER_AT), ("blocks/*/*/*.blk", 0), ("meta/*/*.json", 0))
     for pattern, at in files:
         for path in root.glob(pattern):
             try:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .cachefiles import (
+    BLOCK_HEADER_AT,
     DIR_MODE,
     ENC_MAGIC,
     FILE_MODE,
@@ -50,8 +51,8 @@ DEFAULT_BLOCK_SIZE = 1 << 20
 # region's length (a multiple of 4096), block i at i * stride.
 MAGIC = b"VAPIFSV2"
 _FIXED = struct.Struct("<IIIIQ")
-_FIXED_END = len(MAGIC) + _FIXED.size
-HEADER_AT = _FIXED_END  # where the header blob starts
+_FIXED_END = BLOCK_HEADER_AT
+assert len(MAGIC) + _FIXED.size == _FIXED_END
 # Block length (stored bytes), crc32 of the stored bytes, last access (unix time), index,
 # crc32 of the four fields before it and of the file's identity: a torn or moved record
 # fails its own check and reads as "no block here". All zeros is an empty slot.

@@ -29,6 +29,8 @@ from typing import Any
 import httpx
 
 from delayline import parse_duration
+from vapifs.demo.certs import ThrowawayCA
+from vapifs.tls import client_context
 from world import (
     BIG_NAME,
     HUGE_NAME,
@@ -224,6 +226,14 @@ class Bench:
         self.nginx: Nginx | None = None
         self.started = time.monotonic()
         self.mount_seq = 0
+        # --tls: nginx and the fake API speak HTTPS with one throwaway CA, which every client
+        # (curl, httpx, rclone, vapifs) is told to trust; verification stays on everywhere.
+        self.certs = ThrowawayCA("vapifs bench CA") if args.tls else None
+        self.verify: Any = True
+        self.ca_file = ""
+        if self.certs is not None:
+            self.ca_file = str(self.certs.ca_file)
+            self.verify = client_context(self.certs.ca_file)
 
     # ------------------------------------------------------------ world
 
@@ -256,7 +266,7 @@ class Bench:
         self.huge_size = self.huge.stat().st_size
         log(f"files ready in {time.monotonic() - t0:.1f}s")
 
-        self.nginx = Nginx(self.run_dir, self.data_dir, self.secret)
+        self.nginx = Nginx(self.run_dir, self.data_dir, self.secret, self.certs)
         nginx = self.runner.start("nginx", self.nginx.command())
         wait_for(lambda: self._http_ok(self.nginx_url_direct() + "/"), 10, "nginx")
         if nginx.popen.poll() is not None:
@@ -265,7 +275,11 @@ class Bench:
         self.world = bench_calls(self.args.calls)
         storage_base = self.nginx.url
         self.fake = BenchVapi(
-            self.world, storage_base=storage_base, secret=self.secret, api_key=API_KEY
+            self.world,
+            storage_base=storage_base,
+            secret=self.secret,
+            api_key=API_KEY,
+            tls=self.certs,
         )
         self.fake.start()
         self.api_url = self.fake.api_url
@@ -280,7 +294,7 @@ class Bench:
                 str(self.args.window),
                 "--rate",
                 str(self.args.rate),
-                f"api={self.fake.api_url.removeprefix('http://')}",
+                f"api={self.fake.api_url.split('://', 1)[1]}",
                 f"storage=127.0.0.1:{self.nginx.port}",
             ]
             delay = self.runner.start("delayline", cmd, stdout_pipe=True)
@@ -288,8 +302,9 @@ class Bench:
             ports = json.loads(delay.popen.stdout.readline() or b"{}")
             if "api" not in ports:
                 raise BenchError(f"delay line did not start: {self.runner.tail(delay)}")
-            self.api_url = f"http://127.0.0.1:{ports['api']}"
-            self.storage_url = f"http://127.0.0.1:{ports['storage']}"
+            scheme = "https" if self.certs else "http"
+            self.api_url = f"{scheme}://127.0.0.1:{ports['api']}"
+            self.storage_url = f"{scheme}://127.0.0.1:{ports['storage']}"
             self.fake.storage_base = self.storage_url
         self.sanity()
 
@@ -297,10 +312,9 @@ class Bench:
         assert self.nginx is not None
         return self.nginx.url
 
-    @staticmethod
-    def _http_ok(url: str) -> bool:
+    def _http_ok(self, url: str) -> bool:
         try:
-            return httpx.get(url, timeout=1.0).status_code < 500
+            return httpx.get(url, timeout=1.0, verify=self.verify).status_code < 500
         except httpx.HTTPError:
             return False
 
@@ -311,6 +325,7 @@ class Bench:
             headers={"Authorization": f"Bearer {API_KEY}"},
             follow_redirects=False,
             timeout=30,
+            verify=self.verify,
         )
         if r.status_code != 302:
             raise BenchError(f"API answered {r.status_code} instead of 302")
@@ -319,15 +334,15 @@ class Bench:
     def sanity(self) -> None:
         """The world behaves like the real thing: 206 with ETag, 403 when bad or expired."""
         url = self.fresh_url(self.world.big_id)
-        r = httpx.get(url, headers={"Range": "bytes=0-99"}, timeout=30)
+        r = httpx.get(url, headers={"Range": "bytes=0-99"}, timeout=30, verify=self.verify)
         ok = r.status_code == 206 and "etag" in r.headers and "last-modified" in r.headers
         if not ok or r.headers.get("content-range") != f"bytes 0-99/{self.big_size}":
             raise BenchError(f"signed range request: {r.status_code} {dict(r.headers)}")
-        bad = httpx.get(url.replace("md5=", "md5=x"), timeout=30).status_code
+        bad = httpx.get(url.replace("md5=", "md5=x"), timeout=30, verify=self.verify).status_code
         uri = SIGNED_PREFIX + BIG_NAME
         past = int(time.time()) - 10
         old = f"{self.storage_url}{uri}?md5={secure_link(uri, past, self.secret)}&expires={past}"
-        expired = httpx.get(old, timeout=30).status_code
+        expired = httpx.get(old, timeout=30, verify=self.verify).status_code
         if bad != 403 or expired != 403:
             raise BenchError(f"secure_link: bad signature {bad}, expired {expired} (want 403)")
         calls = len(self.world.calls)
@@ -356,6 +371,7 @@ class Bench:
             str(cache),
             "--since",
             "30d",
+            *(["--ca-file", self.ca_file] if self.ca_file else []),
         ]
         proc = self.runner.start(f"vapifs-{self.mount_seq:02d}-{name}", cmd, env=env, mountpoint=mp)
         self._wait_mounted(proc)
@@ -377,6 +393,7 @@ class Bench:
             str(cache),
             "--config",
             "/dev/null",
+            *(["--ca-cert", self.ca_file] if self.ca_file else []),
             *self.args.rclone_opt,
         ]
         proc = self.runner.start(f"rclone-{self.mount_seq:02d}-{name}", cmd, mountpoint=mp)
@@ -424,6 +441,13 @@ class Bench:
             c = self.fake.counters()
             into["api_requests"] = c.get("api.requests", 0)
             into["api_resolves"] = c.get("api.resolve", 0)
+            # New connections, each a full TLS handshake with --tls (no client here resumes
+            # sessions): what reusing connections saves, two round trips apiece on a link.
+            into["api_connections"] = c.get("api.connections", 0)
+            into["storage_connections"] = self.nginx.connections_since(offset)
+
+    def curl_tls(self) -> list[str]:
+        return ["--cacert", self.ca_file] if self.ca_file else []
 
     def cache_dir(self, name: str) -> Path:
         return self.run_dir / "cache" / name
@@ -448,8 +472,17 @@ class Bench:
         speeds, ttfbs = [], []
         for _ in range(n):
             url = self.fresh_url(self.world.big_id)
-            got, took = subprocess.run(
-                ["curl", "-sS", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", url],
+            got, took, _ = subprocess.run(
+                [
+                    "curl",
+                    *self.curl_tls(),
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{size_download} %{time_total} %{num_connects}",
+                    url,
+                ],
                 capture_output=True,
                 text=True,
                 timeout=600,
@@ -460,9 +493,10 @@ class Bench:
             speeds.append(mb_s(size, float(took)))
             # Time to first byte the way a client sees it: API 302, then storage.
             api = f"{self.api_url}/call/{self.world.big_id}/stereo-recording"
-            ttfb = subprocess.run(
+            ttfb, connects = subprocess.run(
                 [
                     "curl",
+                    *self.curl_tls(),
                     "-sS",
                     "-L",
                     "-o",
@@ -472,16 +506,20 @@ class Bench:
                     "-H",
                     f"Authorization: Bearer {API_KEY}",
                     "-w",
-                    "%{time_starttransfer}",
+                    "%{time_starttransfer} %{num_connects}",
                     api,
                 ],
                 capture_output=True,
                 text=True,
                 timeout=60,
                 check=True,
-            ).stdout
+            ).stdout.split()
             ttfbs.append(float(ttfb))
-        r["curl"] = {"mb_s": statistics.median(speeds), "ttfb_s": statistics.median(ttfbs)}
+        r["curl"] = {
+            "mb_s": statistics.median(speeds),
+            "ttfb_s": statistics.median(ttfbs),
+            "ttfb_connections": int(connects),  # the API's and storage's
+        }
 
         log("HTTP ceiling: httpx on trio, 8 MiB ranges")
         runs = []
@@ -492,6 +530,7 @@ class Bench:
                     str(BENCH / "http_ceiling.py"),
                     self.fresh_url(self.world.big_id),
                 ],
+                env=dict(os.environ, SSL_CERT_FILE=self.ca_file) if self.ca_file else None,
                 capture_output=True,
                 text=True,
                 timeout=600,
@@ -566,7 +605,10 @@ class Bench:
         path = self.call_file(m, self.world.huge_id)
         pid = m.popen.pid
         rss_before = vm_hwm_kib(pid)
-        v["ttfb_s"] = first_byte(path)
+        ttfb_counts: dict[str, Any] = {}
+        with self.counting(ttfb_counts):
+            v["ttfb_s"] = first_byte(path)
+        v["ttfb"] = ttfb_counts
         t = read_all(path, timeout=900)
         v["huge_cold_mb_s"] = mb_s(self.huge_size, t)
         v["rss_after_mount_mib"] = rss_before / 1024
@@ -673,6 +715,34 @@ class Bench:
                     counts["timeout"] = self.args.ls_timeout
                 ls[f"{what}_{phase}"] = counts
             self.runner.stop(m)
+        # Every call's log, searched on a new mount with a new cache (a listing with sizes
+        # would have fetched the logs already: call-logs.jsonl's size needs them).
+        log(f"zgrep across the logs of {len(self.world.calls)} calls, cold")
+        m = self.mount_vapifs("zgrep", self.fresh_cache("vapifs-zgrep"))
+        assert m.mountpoint is not None
+        counts = {}
+        try:
+            with self.counting(counts):
+                t0 = time.perf_counter()
+                out = subprocess.run(
+                    [
+                        "bash",
+                        "-c",
+                        f"zgrep -c INFO {m.mountpoint}/calls/*/call-logs.jsonl.gz | wc -l",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=self.args.ls_timeout,
+                    check=False,
+                )
+                counts["seconds"] = time.perf_counter() - t0
+            counts["entries"] = int(out.stdout.strip() or 0)
+        except subprocess.TimeoutExpired:
+            counts["seconds"] = None
+            counts["timeout"] = self.args.ls_timeout
+        ls["zgrep_cold"] = counts
+        self.runner.stop(m)
+        shutil.rmtree(self.cache_dir("vapifs-zgrep"), ignore_errors=True)
 
     # ------------------------------------------------------------ report
 
@@ -741,6 +811,12 @@ class Bench:
                 note = f"{c.get('entries', '?')} entries, API req {c['api_requests']}, "
                 note += f"storage req {c['storage_requests']}"
                 rows.append((f"{label} ({ls['calls']} calls), {when}", secs(c["seconds"]), note))
+        z = ls["zgrep_cold"]
+        note = f"{z.get('entries', '?')} files, API req {z['api_requests']}, "
+        note += f"storage req {z['storage_requests']}"
+        rows.append(
+            (f"zgrep every call's log ({ls['calls']} calls), cold", secs(z["seconds"]), note)
+        )
         rows.append(
             (
                 f"vapifs peak RSS streaming {self.huge_size / MiB:.0f} MiB cold",
@@ -758,6 +834,27 @@ class Bench:
                     + (f", {x(v['cold_mb_s'], rc['cold_mb_s'])} rclone" if rc else ""),
                 )
             )
+        # New connections per workload, API + storage; with --tls each is a full handshake.
+        kind = "TLS handshakes" if self.certs else "new connections"
+        rows.append((f"{kind} (API + storage) of each workload:", "", ""))
+
+        def conns(c: dict[str, Any]) -> str:
+            return f"{c['api_connections']} + {c['storage_connections']}"
+
+        rows.append(
+            ("  curl -L, first byte (API 302, then storage)", f"{curl['ttfb_connections']}", "")
+        )
+        workloads = [
+            ("vapifs first byte (cold mount)", v["ttfb"], ""),
+            ("vapifs cold read of the big file", v["cold"], f"{v['cold']['storage_requests']} req"),
+            (f"vapifs {n_rand} random 64 KiB reads", v["random"], f"{vr['storage_requests']} req"),
+            (f"ls -l calls/*/ ({ls['calls']} calls), cold", ls["files_cold"], ""),
+            (f"zgrep every call's log ({ls['calls']} calls), cold", z, ""),
+        ]
+        for label, c, note in workloads:
+            api_req, storage_req = c["api_requests"], c["storage_requests"]
+            note = note or f"{api_req} API req, {storage_req} storage req"
+            rows.append((f"  {label}", conns(c), note))
         where = (
             "loopback"
             if self.rtt is None
@@ -766,7 +863,8 @@ class Bench:
         )
         width = max(len(a) for a, _, _ in rows)
         lines = [
-            f"vapifs bench: {where}; file {self.big_size / MiB:.0f} MiB; "
+            f"vapifs bench: {'HTTPS, ' if self.certs else ''}{where}; "
+            f"file {self.big_size / MiB:.0f} MiB; "
             f"MB = 10^6 bytes; {time.strftime('%Y-%m-%d %H:%M:%S')}",
             f"{'measure':<{width}}  {'value':>13}  ratios / notes",
             "-" * (width + 60),
@@ -778,10 +876,12 @@ class Bench:
         out_dir = REPO / "bench-results"
         out_dir.mkdir(exist_ok=True)
         suffix = "" if self.rtt is None else f"-rtt{self.rtt * 1000:.0f}ms"
+        suffix += "-tls" if self.certs else ""
         path = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{suffix}.json"
         payload = {
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "rtt_s": self.rtt,
+            "tls": self.certs is not None,
             "window": self.args.window if self.rtt is not None else None,
             "rate_bps": self.args.rate if self.rtt is not None else None,
             "file_bytes": self.big_size,
@@ -799,6 +899,8 @@ class Bench:
         self.runner.stop_all()
         if self.fake is not None:
             self.fake.stop()
+        if self.certs is not None:
+            self.certs.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -822,6 +924,11 @@ def main(argv: list[str] | None = None) -> int:
         help="GiB of memory to touch before measuring (0: none)",
     )
     parser.add_argument("--ls-timeout", type=float, default=240.0)
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="HTTPS everywhere (a throwaway CA, verification on); counts TLS handshakes",
+    )
     parser.add_argument(
         "--rclone-opt", action="append", default=[], help="extra rclone mount option"
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vapifs.demo.certs import ThrowawayCA
 from vapifs.demo.data import FakeCall, iso_ms
 from vapifs.demo.server import FakeVapi
 
@@ -192,8 +193,9 @@ class BenchVapi(FakeVapi):
         secret: str,
         api_key: str,
         url_ttl: float = 600.0,
+        tls: ThrowawayCA | None = None,
     ) -> None:
-        super().__init__(world.calls, api_key=api_key)
+        super().__init__(world.calls, api_key=api_key, tls=tls or False)
         self.set_knobs(url_ttl=url_ttl)
         self.storage_base = storage_base.rstrip("/")
         self._link_secret = secret
@@ -223,7 +225,8 @@ http {{
     tcp_nodelay on;
     keepalive_timeout 300s;
     keepalive_requests 1000000;
-    log_format bench '$msec $status $request_method $uri $body_bytes_sent "$http_range"';
+    log_format bench '$msec $status $request_method $uri $body_bytes_sent "$http_range" '
+                     '$connection $connection_requests';
     access_log {run}/nginx-access.log bench;
     client_body_temp_path {run}/nginx-tmp/body;
     proxy_temp_path {run}/nginx-tmp/proxy;
@@ -231,8 +234,8 @@ http {{
     uwsgi_temp_path {run}/nginx-tmp/uwsgi;
     scgi_temp_path {run}/nginx-tmp/scgi;
     server {{
-        listen 127.0.0.1:{port};
-        location {signed} {{
+        listen 127.0.0.1:{port}{ssl};
+{tls}        location {signed} {{
             secure_link $arg_md5,$arg_expires;
             secure_link_md5 "$secure_link_expires$uri {secret}";
             if ($secure_link = "") {{ return 403; }}
@@ -253,10 +256,18 @@ http {{
 class Nginx:
     """nginx in the foreground on 127.0.0.1:port, its log in the run directory."""
 
-    def __init__(self, run_dir: Path, data_dir: Path, secret: str) -> None:
+    def __init__(
+        self, run_dir: Path, data_dir: Path, secret: str, tls: ThrowawayCA | None = None
+    ) -> None:
         self.run_dir = run_dir
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        tls_conf = ""
+        if tls is not None:
+            tls_conf = (
+                f"        ssl_certificate {tls.cert_file};\n"
+                f"        ssl_certificate_key {tls.key_file};\n"
+            )
         self.access_log = run_dir / "nginx-access.log"
         (run_dir / "nginx-tmp").mkdir(parents=True, exist_ok=True)
         self.conf = run_dir / "nginx.conf"
@@ -264,6 +275,8 @@ class Nginx:
             NGINX_CONF.format(
                 run=run_dir,
                 port=self.port,
+                ssl=" ssl" if tls else "",
+                tls=tls_conf,
                 signed=SIGNED_PREFIX,
                 open=OPEN_PREFIX,
                 secret=secret,
@@ -297,3 +310,14 @@ class Nginx:
             count += 1
             sent += int(parts[4]) if parts[4].isdigit() else 0
         return count, sent
+
+    def connections_since(self, offset: int) -> int:
+        """New connections (each one a TLS handshake over HTTPS) that made a request since
+        offset: the requests logged as the first of their connection."""
+        try:
+            with open(self.access_log, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return 0
+        return sum(1 for line in text.splitlines() if line.rsplit(" ", 1)[-1] == "1")

@@ -178,8 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.owner._count(f"{self.role}.tls_handshakes")
         super().setup()
         self.owner._track(self.connection, True)
-        if self.role == "storage":
-            self.owner._count("storage.connections")
+        self.owner._count(f"{self.role}.connections")
 
     def finish(self) -> None:
         try:
@@ -486,7 +485,7 @@ class FakeVapi:
         secret: bytes | None = None,
         seed: int = 0,
         big_stereo_mb: int = 0,
-        tls: bool = False,
+        tls: bool | ThrowawayCA = False,
         storage_certs: ThrowawayCA | None = None,
     ) -> None:
         if calls is None:
@@ -513,8 +512,9 @@ class FakeVapi:
         # Set on pause/stop so that stalled responses give up at once.
         self._halt = threading.Event()
         self._started = False
-        # HTTPS on both servers, with a certificate that only `ca_file` makes trusted.
-        self.certs = ThrowawayCA() if tls else None
+        # HTTPS on both servers, with a certificate that only `ca_file` makes trusted (a new
+        # throwaway CA's, or that of the one given, which other servers may share).
+        self.certs = tls if isinstance(tls, ThrowawayCA) else ThrowawayCA() if tls else None
         self._tls = self.certs.server_context() if self.certs is not None else None
         # Storage may show a certificate of another CA: a host the client does not trust.
         self._storage_tls = storage_certs.server_context() if storage_certs else self._tls

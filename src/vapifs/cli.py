@@ -258,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("umount", help="unmount a vapifs mount", description="Unmount MOUNTPOINT.")
     u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    u.add_argument(
+        "-z",
+        "--lazy",
+        action="store_true",
+        help="detach at once even if files are open; the mount ends when they are closed",
+    )
 
     d = sub.add_parser(
         "demo",
@@ -430,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "umount":
             from .mount import run_umount
 
-            return run_umount(args.mountpoint)
+            return run_umount(args.mountpoint, lazy=args.lazy)
         if args.command == "demo":
             from .demo.tour import run_demo
 

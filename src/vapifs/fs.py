@@ -72,12 +72,27 @@ class Operations(pyfuse3.Operations):
         # The mount's live figures as JSON, read from the root's unlisted stats file.
         self.stats_source: Callable[[], bytes] | None = None
         self._stats_reads: dict[int, bytes] = {}  # fh -> the figures taken at open
+        self._requests: set[trio.CancelScope] = set()  # requests being answered
+        self._stopping = False
+
+    def cancel_requests(self) -> None:
+        """The mount is stopping: every request waiting on the network answers EIO now, and
+        any later one at once."""
+        self._stopping = True
+        for scope in self._requests:
+            scope.cancel()
 
     async def _guard(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run a tree call; turn its failures into the one FUSEError a handler may raise."""
+        if self._stopping:
+            raise pyfuse3.FUSEError(errno.EIO)
+        scope = trio.CancelScope()
+        self._requests.add(scope)
         try:
-            with trio.fail_after(self.deadline):
+            with scope, trio.fail_after(self.deadline):
                 return await call()
+            log.debug("%s: cancelled, the mount is stopping", what)
+            raise pyfuse3.FUSEError(errno.EIO)
         except trio.TooSlowError:
             self._log_failure(f"{what}: no answer from the network within {self.deadline:g}s")
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -90,6 +105,8 @@ class Operations(pyfuse3.Operations):
         except Exception:
             log.exception("%s: unexpected error", what)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self._requests.discard(scope)
 
     def _log_failure(self, line: str) -> None:
         now = time.monotonic()

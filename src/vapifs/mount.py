@@ -39,6 +39,13 @@ from .tree import Tree
 
 log = logging.getLogger("vapifs")
 
+# How often the mount checks that it is still mounted (seconds).
+UNMOUNT_POLL = 0.5
+# Between answering every request EIO and leaving the FUSE loop (seconds).
+STOP_GRACE = 0.3
+# At exit, blocks already fetched get this long to reach the disk (seconds).
+FLUSH_AT_EXIT = 2.0
+
 
 class MountError(Exception):
     """A reason not to mount, printed as one line; exit status 1."""
@@ -271,12 +278,37 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                 notifier.send("ok")
                 if opts.foreground:  # the process systemd started (Type=notify) is this one
                     sd_notify("READY=1")
+                await watch_unmount(st.st_dev)
+
+            def stop() -> None:
+                # Requests waiting on the network answer EIO now: pyfuse3's loop ends only
+                # once every request it started has been answered.
+                ops.cancel_requests()
+                nursery.start_soon(terminate)
+
+            async def terminate() -> None:
+                # A moment in which the kernel's retry of a cancelled read is answered EIO
+                # too, rather than left to "Transport endpoint is not connected".
+                await trio.sleep(STOP_GRACE)
+                pyfuse3.terminate()
 
             async def on_signals() -> None:
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as it:
                     async for signum in it:
                         log.info("%s: unmounting", signal.Signals(signum).name)
-                        pyfuse3.terminate()
+                        stop()
+                        return
+
+            async def watch_unmount(dev: int) -> None:
+                """Stop once unmounted from outside (`vapifs umount`, fusermount3 -u, umount),
+                without waiting for requests in flight. After a lazy unmount, files still
+                open keep reading until they are closed."""
+                while True:
+                    await trio.sleep(UNMOUNT_POLL)
+                    mounted = await trio.to_thread.run_sync(_is_mounted, dev)
+                    if not mounted and ops.open_files == 0:
+                        log.info("%s was unmounted", opts.mountpoint)
+                        stop()
                         return
 
             nursery.start_soon(ready)
@@ -292,12 +324,25 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                     stats_path.unlink()
                 # Blocks read just before the unmount still reach the disk: a later mount,
                 # offline perhaps, finds them there.
-                with trio.move_on_after(5.0) as flushing:
+                with trio.move_on_after(FLUSH_AT_EXIT) as flushing:
                     flushing.shield = True
                     await core.store.flush()
                 nursery.cancel_scope.cancel()
     log.info("unmounted %s", opts.mountpoint)
     return 0
+
+
+def _is_mounted(dev: int) -> bool:
+    """Whether the file system of device `dev` is still mounted in this process's view.
+
+    Read from /proc/self/mountinfo: a stat of the mountpoint would be a request to ourselves.
+    """
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            return any(line.split(" ", 3)[2] == wanted for line in f if line.count(" ") >= 3)
+    except OSError:
+        return True  # cannot tell: keep serving
 
 
 def _raise_read_ahead(dev: int, kib: int = 4096) -> None:
@@ -382,11 +427,50 @@ def run_mount(opts: MountOptions) -> int:
         os._exit(code)
 
 
-def run_umount(mountpoint: Path) -> int:
+def holders(mountpoint: Path) -> list[tuple[int, str, str]]:
+    """Processes that keep `mountpoint` busy: (pid, command name, how: open file or cwd).
+
+    Read from /proc (links only: nothing is asked of the mount itself); processes of other
+    users are invisible to an ordinary user, so the list may be short.
+    """
+    top = os.path.realpath(mountpoint)
+
+    def inside(path: str) -> bool:
+        return path == top or path.startswith(top.rstrip("/") + "/")
+
+    found: list[tuple[int, str, str]] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        base = f"/proc/{entry}"
+        how: list[str] = []
+        with contextlib.suppress(OSError):
+            if inside(os.readlink(f"{base}/cwd")):
+                how.append("cwd")
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"{base}/fd"):
+                with contextlib.suppress(OSError):
+                    if inside(os.readlink(f"{base}/fd/{fd}")):
+                        how.append("open file")
+                        break
+        if not how:
+            continue
+        name = "?"
+        with contextlib.suppress(OSError):
+            name = Path(f"{base}/comm").read_text().strip() or "?"
+        found.append((int(entry), name, ", ".join(how)))
+    return found
+
+
+def run_umount(mountpoint: Path, lazy: bool = False) -> int:
     if not os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is not mounted")
     reason = "neither fusermount3 nor umount is installed"
-    for command in (["fusermount3", "-u", str(mountpoint)], ["umount", str(mountpoint)]):
+    commands = (
+        ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)],
+        ["umount", *(["-l"] if lazy else []), str(mountpoint)],
+    )
+    for command in commands:
         if shutil.which(command[0]) is None:
             continue
         result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -395,5 +479,13 @@ def run_umount(mountpoint: Path) -> int:
         lines = (result.stderr or result.stdout).strip().splitlines()
         reason = lines[-1] if lines else f"{command[0]} failed"
         if "busy" in reason.lower():
-            raise MountError(f"{mountpoint} is busy: close the files open on it, then retry")
+            held = holders(mountpoint)
+            by = ", ".join(f"{pid} ({name}, {how})" for pid, name, how in held[:8])
+            if len(held) > 8:
+                by += f" and {len(held) - 8} more"
+            raise MountError(
+                f"{mountpoint} is busy"
+                + (f", held by {by}" if by else " (a program is using it)")
+                + f": close them and retry, or unmount lazily: vapifs umount -z {mountpoint}"
+            )
     raise MountError(f"cannot unmount {mountpoint}: {reason}")

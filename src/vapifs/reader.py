@@ -39,7 +39,9 @@ DISK_PARALLEL = 2
 WRITERS = 2  # tasks storing fetched blocks on disk
 # After a read of an artifact gave up on the network, reads that need the network fail at
 # once for this long: the kernel retries a failed read (read-ahead, then the page itself)
-# at once, which would double the time a program waits and the lines in the log.
+# at once, which would double the time a program waits and the lines in the log. Past it, a
+# read that would only wait on a download started before the give-up (the same attempt,
+# still stuck) fails at once too; one that needs a new attempt gets one.
 GAVE_UP_MEMO = 2.0
 _GAVE_UP = (NetworkError, ProtocolError, KeyRejected)
 
@@ -73,6 +75,8 @@ class _Pending:
     event: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BaseException | None = None
+    started: float = field(default_factory=trio.current_time)
+    network: bool = True  # a download, not a disk read
 
 
 @dataclass
@@ -249,35 +253,49 @@ class ArtifactStore:
         """Bytes [offset, offset+size) of the artifact, clipped at its end."""
         self.stats.reads += 1
         try:
-            for _ in range(3):
-                try:
-                    version = await self.version(call_id, kind)
-                    data = await self._read(call_id, kind, version, offset, size, stream)
-                except VersionChanged as exc:
-                    state = self._artifacts.setdefault((call_id, kind), _Artifact())
-                    async with state.lock:
-                        await self._adopt(call_id, kind, state, exc.new_version)
-                    continue
-                except _GAVE_UP as exc:
-                    self._note_gave_up(call_id, kind, exc)
-                    raise
-                if stream is not None and data:
-                    token = version.token()
-                    if stream.version is None:
-                        stream.version = token
-                    elif stream.version != token:
-                        # Bytes of the old version already went to this reader: more bytes
-                        # of the new one would splice two files into one. Reopening reads
-                        # the new version whole.
-                        raise NetworkError(
-                            f"{call_id}/{kind} changed on the server while open; open it again"
-                        )
-                self.stats.bytes_read += len(data)
-                return data
-            raise NetworkError(f"{call_id}/{kind} keeps changing on the server")
+            # One bound for the whole read, however many steps it takes (a version check,
+            # then the blocks): the program waits --read-timeout at most.
+            with trio.move_on_after(self.read_timeout):
+                return await self._read_version(call_id, kind, offset, size, stream)
+            exc = NetworkError(
+                f"{call_id}/{kind}: bytes {offset}-{offset + size - 1} not fetched within "
+                f"{self.read_timeout:g}s"
+            )
+            self.gave_up(call_id, kind, exc)
+            raise exc
         except VapifsError:
             self.stats.errors += 1
             raise
+
+    async def _read_version(
+        self, call_id: str, kind: str, offset: int, size: int, stream: Stream | None
+    ) -> bytes:
+        for _ in range(3):
+            try:
+                version = await self.version(call_id, kind)
+                data = await self._read(call_id, kind, version, offset, size, stream)
+            except VersionChanged as exc:
+                state = self._artifacts.setdefault((call_id, kind), _Artifact())
+                async with state.lock:
+                    await self._adopt(call_id, kind, state, exc.new_version)
+                continue
+            except _GAVE_UP as exc:
+                self.gave_up(call_id, kind, exc)
+                raise
+            if stream is not None and data:
+                token = version.token()
+                if stream.version is None:
+                    stream.version = token
+                elif stream.version != token:
+                    # Bytes of the old version already went to this reader: more bytes
+                    # of the new one would splice two files into one. Reopening reads
+                    # the new version whole.
+                    raise NetworkError(
+                        f"{call_id}/{kind} changed on the server while open; open it again"
+                    )
+            self.stats.bytes_read += len(data)
+            return data
+        raise NetworkError(f"{call_id}/{kind} keeps changing on the server")
 
     async def _read(
         self,
@@ -294,30 +312,25 @@ class ArtifactStore:
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
         sequential, jump = self._note_access(stream, offset, end)
-        with trio.move_on_after(self.read_timeout) as scope:
-            found, waits, missing = await self._collect(call_id, kind, version, first, last)
-            if missing:
-                self._check_gave_up(call_id, kind)
-            if jump and not found and not any(p.data for p in waits.values()):
-                # A seek to a spot nothing has fetched yet: one request for exactly these
-                # bytes answers sooner than whole blocks (one round trip, little data).
-                assert stream is not None
-                started = trio.current_time()
-                data = await self.fetcher.fetch_bytes(call_id, kind, offset, end, version)
-                took = trio.current_time() - started
-                stream.seek_seconds = [*stream.seek_seconds, took][-FILL_AFTER_JUMPS:]
-                self._maybe_fill(call_id, kind, version, stream)
-                self.stats.bytes_from_network += len(data)
-                return data
-            waits.update(self._start_fetches(call_id, kind, version, missing))
-            if sequential and stream is not None:
-                self._read_ahead(call_id, kind, version, end, stream)
-            blocks = await self._wait(call_id, kind, version, found, waits, first, last)
-        if scope.cancelled_caught:
-            raise NetworkError(
-                f"{call_id}/{kind}: bytes {offset}-{end - 1} not fetched within "
-                f"{self.read_timeout:g}s"
-            )
+        found, waits, missing = await self._collect(call_id, kind, version, first, last)
+        if missing:
+            self._check_gave_up(call_id, kind)
+        self._check_stuck(call_id, kind, waits)
+        if jump and not found and not any(p.data for p in waits.values()):
+            # A seek to a spot nothing has fetched yet: one request for exactly these
+            # bytes answers sooner than whole blocks (one round trip, little data).
+            assert stream is not None
+            started = trio.current_time()
+            data = await self.fetcher.fetch_bytes(call_id, kind, offset, end, version)
+            took = trio.current_time() - started
+            stream.seek_seconds = [*stream.seek_seconds, took][-FILL_AFTER_JUMPS:]
+            self._maybe_fill(call_id, kind, version, stream)
+            self.stats.bytes_from_network += len(data)
+            return data
+        waits.update(self._start_fetches(call_id, kind, version, missing))
+        if sequential and stream is not None:
+            self._read_ahead(call_id, kind, version, end, stream)
+        blocks = await self._wait(call_id, kind, version, found, waits, first, last)
         if sequential:
             self._consumed(call_id, kind, version, first, end)
         start = offset - first * bs
@@ -344,7 +357,8 @@ class ArtifactStore:
         for index in range(first, end // self.block_size + (end == version.size)):
             self._memory.pop((call_id, kind, token, index), None)
 
-    def _note_gave_up(self, call_id: str, kind: str, exc: VapifsError) -> None:
+    def gave_up(self, call_id: str, kind: str, exc: VapifsError) -> None:
+        """Remember that a read of this artifact gave up on the network, and why."""
         if isinstance(exc, _Abandoned):
             return
         now = trio.current_time()
@@ -352,13 +366,24 @@ class ArtifactStore:
         if seen is None or now - seen[0] >= GAVE_UP_MEMO:  # a replay does not extend it
             self._gave_up[(call_id, kind)] = (now, exc)
         if len(self._gave_up) > 256:
-            for key in [k for k, (t, _) in self._gave_up.items() if now - t >= GAVE_UP_MEMO]:
-                del self._gave_up[key]
+            busy = {key[:2] for key in self._inflight}  # stuck downloads stay remembered
+            for k in [k for k, (t, _) in self._gave_up.items() if now - t >= GAVE_UP_MEMO]:
+                if k not in busy:
+                    del self._gave_up[k]
 
     def _check_gave_up(self, call_id: str, kind: str) -> None:
         """Fail at once, as the last try did, if the network gave up on this artifact just now."""
         seen = self._gave_up.get((call_id, kind))
         if seen is not None and trio.current_time() - seen[0] < GAVE_UP_MEMO:
+            raise type(seen[1])(str(seen[1]))
+
+    def _check_stuck(self, call_id: str, kind: str, waits: dict[int, _Pending]) -> None:
+        """Fail at once when this read would wait on a download that a read already gave up
+        on: nothing has changed since, and waiting for it again would double the wait."""
+        seen = self._gave_up.get((call_id, kind))
+        if seen is None:
+            return
+        if any(p.network and not p.event.is_set() and p.started <= seen[0] for p in waits.values()):
             raise type(seen[1])(str(seen[1]))
 
     def _note_access(self, stream: Stream | None, offset: int, end: int) -> tuple[bool, bool]:
@@ -399,7 +424,9 @@ class ArtifactStore:
         missing = [i for i in unknown if not self.cache.has(call_id, kind, version, i)]
         # In flight from now on, so that concurrent readers wait for this one disk read
         # (and a damaged block is reported and fetched once).
-        on_disk = self._register(call_id, kind, version, [i for i in unknown if i not in missing])
+        on_disk = self._register(
+            call_id, kind, version, [i for i in unknown if i not in missing], network=False
+        )
         if on_disk:
             waits.update(on_disk)
             await self._load_from_disk(call_id, kind, version, on_disk)
@@ -432,13 +459,13 @@ class ArtifactStore:
         return [found[i] for i in range(first, last + 1)]
 
     def _register(
-        self, call_id: str, kind: str, version: Version, indexes: list[int]
+        self, call_id: str, kind: str, version: Version, indexes: list[int], network: bool = True
     ) -> dict[int, _Pending]:
         """Mark blocks as in flight: from now on, other readers wait for them."""
         token = version.token()
         pendings: dict[int, _Pending] = {}
         for index in indexes:
-            pending = _Pending()
+            pending = _Pending(network=network)
             self._inflight[(call_id, kind, token, index)] = pending
             pendings[index] = pending
         return pendings
@@ -616,7 +643,9 @@ class ArtifactStore:
         if wanted:
             self._start_fetches(call_id, kind, version, wanted)
         for at in range(0, len(on_disk), DISK_BATCH):
-            pendings = self._register(call_id, kind, version, on_disk[at : at + DISK_BATCH])
+            pendings = self._register(
+                call_id, kind, version, on_disk[at : at + DISK_BATCH], network=False
+            )
             self._nursery.start_soon(self._load_from_disk, call_id, kind, version, pendings)
 
     async def _load_from_disk(
@@ -647,6 +676,7 @@ class ArtifactStore:
             for index, data in zip(batch, datas, strict=True):
                 pending = pendings[index]
                 if data is None:
+                    pending.network, pending.started = True, trio.current_time()
                     missing[index] = pending
                     continue
                 self.stats.blocks_from_disk += 1

@@ -357,12 +357,19 @@ class Tree:
         if node.kind is None or node.call_id is None:
             raise NotFound(node.name)
         if node.gunzip:
-            for _ in range(3):
-                try:
-                    return await self._gz.read(await self._gz_source(node, stream), offset, size)
-                except _SourceChanged:
-                    continue
-            raise NetworkError(f"{node.call_id}/{node.kind} keeps changing on the server")
+            # Several reads of the .gz may serve one read of its view: one bound for all.
+            timeout = self._store.read_timeout
+            with trio.move_on_after(timeout):
+                for _ in range(3):
+                    try:
+                        source = await self._gz_source(node, stream)
+                        return await self._gz.read(source, offset, size)
+                    except _SourceChanged:
+                        continue
+                raise NetworkError(f"{node.call_id}/{node.kind} keeps changing on the server")
+            exc = NetworkError(f"{node.call_id}/{node.name}: not read within {timeout:g}s")
+            self._store.gave_up(node.call_id, node.kind, exc)
+            raise exc
         return await self._store.read(node.call_id, node.kind, offset, size, stream)
 
     # -- decompressed logs ---------------------------------------------------------------

@@ -78,6 +78,7 @@ class Knobs:
     storage_down: bool = False
     api_down: bool = False
     api_stall: bool = False  # the API accepts requests and stays silent for stall_seconds
+    storage_stall: bool = False  # so does storage, before it answers anything
 
 
 KNOB_NAMES = frozenset(f.name for f in dataclasses.fields(Knobs))
@@ -441,11 +442,17 @@ class _StorageHandler(_Handler):
 
     def _object(self) -> None:
         owner = self.owner
-        if owner.knobs_snapshot().storage_down:
+        knobs = owner.knobs_snapshot()
+        if knobs.storage_down:
             owner._count("storage.requests")
             self._drop()
             return
         owner._count("storage.requests")
+        if knobs.storage_stall:
+            owner._count("fault.storage_stall")
+            if owner._halt.wait(knobs.stall_seconds):
+                self._drop()
+                return
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         verdict = owner._verify(url.path, query)

@@ -30,6 +30,10 @@ BY_DATE_INODE = 3
 BY_ASSISTANT_INODE = 4
 PAGE_LIMIT = 1000
 NEGATIVE_TTL = 60.0
+# A call that ended less than this long ago may still get its recordings and logs (seconds).
+RECENT = 3600.0
+# A call that may still change is read again after this fraction of the time since it ended.
+BACKOFF = 10.0
 DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # by-assistant/<name>: whatever the API calls an assistant, as long as it is one path element.
 _GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,254}$")
@@ -193,6 +197,7 @@ class Tree:
         self._save_lock = trio.Lock()  # listings are stored one after the other
         self._listings_made = 0  # listings made, and the newest of them stored
         self._listing_stored = 0
+        self._offline = False  # calls/ shows the call objects on disk, the API unreachable
 
     # -- nodes ---------------------------------------------------------------------------
 
@@ -508,11 +513,30 @@ class Tree:
         kinds = set(C.artifact_files(call).values())
         return doc, self._store.stored_versions(call_id, kinds)
 
+    def _recheck_after(self, call: dict[str, Any]) -> float | None:
+        """How long a stored call object is trusted, or None for as long as the mount runs.
+
+        A call still going on is read again after the dir TTL. Vapi attaches recordings and
+        logs a little after a call ends: a call that ended within RECENT, or that names no
+        artifact yet, is read again too, less and less often as its end recedes (a tenth of
+        the time since it ended, from the dir TTL up to --revalidate). Other ended calls do
+        not change in practice.
+        """
+        if not C.is_ended(call):
+            return self.dir_ttl
+        since_end = self._now() - C.modified_at(call)
+        if since_end >= RECENT and C.artifact_files(call):
+            return None
+        longest = max(self.dir_ttl, self._store.revalidate_after)
+        return min(max(self.dir_ttl, since_end / BACKOFF), longest)
+
     def _stale(self, entry: _Call) -> bool:
-        """Ended calls do not change in practice; others are re-read after the dir TTL."""
-        if C.is_ended(entry.call):
-            return False
-        return self._now() - entry.fetched_at >= self.dir_ttl
+        after = self._recheck_after(entry.call)
+        return after is not None and not 0 <= self._now() - entry.fetched_at < after
+
+    def _settled(self, call: dict[str, Any]) -> bool:
+        """Whether what the call object shows will not change (its files are immutable)."""
+        return self._recheck_after(call) is None
 
     def _dir_node(self, call_id: str, mtime: float) -> Node:
         """The directory of a call: one inode per call id for the life of the mount."""
@@ -532,6 +556,14 @@ class Tree:
         entry = _Call(call, fetched_at, self._dir_node(call_id, mtime), previous=previous)
         self._calls[call_id] = entry
         self._missing.pop(call_id, None)
+        if old is not None and old.call != call:
+            # call.json and transcript.txt change with it: the kernel must not keep their
+            # old pages or sizes. A new artifact is a new name: nothing to drop for it.
+            for node in previous.values():
+                if node.content is not None:
+                    node.stale_pages = True
+                    if self.on_invalidate is not None:
+                        self.on_invalidate(node.inode)
         return entry
 
     def _files(self, entry: _Call) -> dict[str, Node]:
@@ -541,7 +573,7 @@ class Tree:
         call = entry.call
         call_id = str(call["id"])
         modified = C.modified_at(call)
-        immutable = C.is_ended(call)
+        immutable = self._settled(call)
         previous = entry.previous
 
         def file(name: str, **kw: Any) -> Node:
@@ -646,11 +678,15 @@ class Tree:
                         bounds["createdAtGe"] = C.format_time(horizon)
                     fresh.extend(await self._page(**bounds))
             except NetworkError as exc:
-                if self._listed_from is None:
+                if self._listed_from is None and not await self._list_offline(horizon, exc):
                     raise
-                log.warning("calls: cannot refresh the listing (%s); showing what is known", exc)
+                if self._listed_from is not None:
+                    log.warning(
+                        "calls: cannot refresh the listing (%s); showing what is known", exc
+                    )
                 self._listed_at = now - self.dir_ttl + min(10.0, self.dir_ttl)
                 return
+            self._offline = False
             installed = [self._install(call, now) for call in fresh]
             for entry in installed:
                 call_id = entry.node.call_id
@@ -703,6 +739,49 @@ class Tree:
                         self._listing_stored = number
                 except Exception:  # background work must never take the mount down
                     log.exception("calls: cannot store the listing")
+
+    async def _list_offline(self, horizon: float, exc: NetworkError) -> bool:
+        """With no listing stored and no network, list the window from the call objects on
+        disk (calls opened by id, prefetched...). Not stored: once the network is back, the
+        window is listed from the API as usual. False when there is none."""
+        until = self.until if self.until is not None else float("inf")
+        wanted = set(self.assistants)
+
+        def load() -> list[tuple[dict[str, Any], float]]:
+            found = []
+            for _, doc in self._meta.items("call"):
+                call, fetched_at = doc.get("call"), doc.get("fetched_at", 0.0)
+                if not isinstance(call, dict) or not isinstance(fetched_at, (int, float)):
+                    continue
+                created = C.created_at(call)
+                call_id = call.get("id")
+                if created is None or not isinstance(call_id, str) or not C.is_call_id(call_id):
+                    continue
+                if horizon <= created < until and (not wanted or call.get("assistantId") in wanted):
+                    found.append((call, float(fetched_at)))
+            return found
+
+        stored = await trio.to_thread.run_sync(load)
+        if not stored:
+            return False
+        for call, fetched_at in stored:
+            call_id = str(call["id"])
+            if call_id not in self._calls:
+                self._install(call, fetched_at)
+            assistant = call.get("assistantId")
+            self._window_created[call_id] = C.created_at(call) or 0.0
+            self._window_assistant[call_id] = assistant if isinstance(assistant, str) else None
+        ids = self._window_created
+        self._window_ids = sorted(ids, key=lambda i: (-ids[i], i))
+        await self._regroup()
+        if not self._offline:
+            self._offline = True
+            log.warning(
+                "calls: cannot list the calls (%s); showing the %d stored on disk",
+                exc,
+                len(self._window_ids),
+            )
+        return True
 
     async def _load_listing(self) -> None:
         """The listing a previous mount remembered, when it covers this mount's window."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gzip
 import hashlib
@@ -90,6 +91,11 @@ def _json(obj: Any) -> bytes:
 
 def _error(status: int, error: str, message: str | list[str]) -> bytes:
     return _json({"statusCode": status, "error": error, "message": message})
+
+
+def _iso(ts: float) -> str:
+    ms = int(ts * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 def _parse_time(value: str) -> datetime:
@@ -412,6 +418,15 @@ class _ApiHandler(_Handler):
                 self._send(
                     200, _json({"call_id": call_id, "kind": kind, "size": len(data), "etag": etag})
                 )
+            elif path == "/_fake/call-stage" and self.command == "POST":
+                owner.set_call_stage(str(args["call_id"]), str(args["stage"]))
+                self._send(200, _json({"ok": True}))
+            elif path == "/_fake/forget" and self.command == "POST":
+                if args.get("kind"):
+                    owner.forget_artifact(str(args["call_id"]), str(args["kind"]))
+                else:
+                    owner.forget_call(str(args["call_id"]))
+                self._send(200, _json({"ok": True}))
             elif path == "/_fake/add-call" and self.command == "POST":
                 created = args.get("created_at")
                 fc = extra_call(
@@ -514,6 +529,8 @@ class FakeVapi:
         self._random = random.Random(seed)
         self._etags: dict[tuple[str, str], tuple[bytes, str]] = {}
         self._mtimes: dict[tuple[str, str], float] = {}
+        # Calls whose life is driven by set_call_stage: the complete call, and when it ended.
+        self._complete: dict[str, tuple[dict[str, Any], dict[str, bytes], float | None]] = {}
         self._servers: list[tuple[_Server, threading.Thread]] = []
         self._connections: set[socket.socket] = set()
         # Set on pause/stop so that stalled responses give up at once.
@@ -656,6 +673,48 @@ class FakeVapi:
     def add_call(self, fc: FakeCall) -> None:
         with self._lock:
             self.calls[fc.id] = fc
+
+    def set_call_stage(self, call_id: str, stage: str) -> None:
+        """Drive a call through its life, as Vapi shows it: "in-progress" (no end, no
+        artifacts), "ended" (ended just now, no artifacts yet), "complete" (its artifacts
+        attached; its bytes are those it was generated with)."""
+        if stage not in ("in-progress", "ended", "complete"):
+            raise ValueError(f"unknown stage {stage!r}")
+        with self._lock:
+            fc = self.calls[call_id]
+            full, artifacts, ended = self._complete.setdefault(
+                call_id, (copy.deepcopy(fc.call), dict(fc.artifacts), None)
+            )
+            now = time.time()
+            call = copy.deepcopy(full)
+            call["updatedAt"] = _iso(now)
+            if stage == "in-progress":
+                call["status"] = "in-progress"
+                call.pop("endedAt", None)
+                call.pop("endedReason", None)
+                ended = None
+            else:
+                ended = ended if ended is not None else now
+                call["status"] = "ended"
+                call["endedAt"] = _iso(ended)
+                call.setdefault("endedReason", "customer-ended-call")
+            if stage != "complete":
+                call.pop("artifact", None)
+                for key in ("recordingUrl", "stereoRecordingUrl", "transcript"):
+                    call.pop(key, None)
+            self._complete[call_id] = (full, artifacts, ended)
+            fc.call = call
+            fc.artifacts = dict(artifacts) if stage == "complete" else {}
+
+    def forget_call(self, call_id: str) -> None:
+        """The call passed the org's retention: GET /call/{id} and its artifacts answer 404."""
+        with self._lock:
+            del self.calls[call_id]
+
+    def forget_artifact(self, call_id: str, kind: str) -> None:
+        """One artifact passed retention: resolving it answers 404 (the call object stays)."""
+        with self._lock:
+            del self.calls[call_id].artifacts[kind]
 
     # ------------------------------------------------------------ helpers for handlers
 

@@ -24,6 +24,7 @@ import trio
 from . import __version__
 from .api import describe
 from .cachekey import cache_cipher
+from .cachelock import CacheInUse, lock_cache
 from .core import api_client, http_client, open_core
 from .crypto import CacheKeyError, Cipher
 from .defaults import DEFAULT_REVALIDATE, default_log_file
@@ -390,17 +391,26 @@ def run_mount(opts: MountOptions) -> int:
         opts.log_file = default_log_file()
     _check_writable(opts)
     try:
+        lock = lock_cache(opts.cache_dir, f"mount on {opts.mountpoint}")
+    except CacheInUse as exc:
+        raise MountError(str(exc)) from None
+    try:
         # Before forking: a wrong key, or a cache written the other way, is a one-line error.
         cipher = cache_cipher(opts.cache_dir, opts.encrypt_cache, opts.cache_key_file)
     except CacheKeyError as exc:
+        lock.release()
         raise MountError(str(exc)) from None
     _harden_process()
     if opts.foreground:
         setup_logging(opts.debug, opts.log_file, to_stderr=opts.log_file is None)
-        return trio.run(_serve, opts, _Notifier(None), cipher)
+        try:
+            return trio.run(_serve, opts, _Notifier(None), cipher)
+        finally:
+            lock.release()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:
+        lock.forget()  # the daemon holds it now
         os.close(write_fd)
         with os.fdopen(read_fd, "rb") as pipe:
             answer = pipe.readline().decode(errors="replace").strip()
@@ -410,6 +420,7 @@ def run_mount(opts: MountOptions) -> int:
         print(f"vapifs: {answer or 'the mount process died while starting'}", file=sys.stderr)
         return 1
     # The daemon: its own session, no terminal, logs to a file.
+    lock.claim()
     os.close(read_fd)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)

@@ -20,6 +20,7 @@ from .api import VapiClient, describe
 from .blocks import BlockCache
 from .cachecmd import running_mounts
 from .cachekey import cache_cipher
+from .cachelock import CacheInUse, lock_cache
 from .core import api_client, http_client, open_core
 from .crypto import CacheKeyError
 from .defaults import DEFAULT_REVALIDATE
@@ -388,33 +389,40 @@ async def _with_core(
             )
         except CacheKeyError as exc:
             raise PrefetchError(str(exc)) from None
-        async with trio.open_nursery() as nursery:
-            built = await open_core(
-                nursery,
-                client,
-                api,
-                opts.cache_dir,
-                opts.cache_size,
-                cipher,
-                revalidate_after=DEFAULT_REVALIDATE,
-                read_timeout=opts.read_timeout,
-            )
-            store, cache, fetcher = built.store, built.cache, built.fetcher
-            core = _Core(api, Tree(api, store, built.meta), store, cache, fetcher)
-            jobs = list(mount_jobs)
-            try:
-                with trio.CancelScope() as listing:
-                    async with trio.open_nursery() as watch:
-                        watch.start_soon(_on_signal(listing, report))
-                        jobs += await _core_jobs(core, opts, core_paths)
-                        watch.cancel_scope.cancel()
-                if not report.interrupted:
-                    await _run_jobs(opts, report, progress, _dedup(jobs), core)
-                # Every block received goes to disk before the store's tasks stop.
-                with trio.move_on_after(5.0 if report.interrupted else math.inf):
-                    await store.flush()
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            lock = await trio.to_thread.run_sync(lock_cache, opts.cache_dir, "prefetch")
+        except CacheInUse as exc:
+            raise PrefetchError(str(exc)) from None
+        try:
+            async with trio.open_nursery() as nursery:
+                built = await open_core(
+                    nursery,
+                    client,
+                    api,
+                    opts.cache_dir,
+                    opts.cache_size,
+                    cipher,
+                    revalidate_after=DEFAULT_REVALIDATE,
+                    read_timeout=opts.read_timeout,
+                )
+                store, cache, fetcher = built.store, built.cache, built.fetcher
+                core = _Core(api, Tree(api, store, built.meta), store, cache, fetcher)
+                jobs = list(mount_jobs)
+                try:
+                    with trio.CancelScope() as listing:
+                        async with trio.open_nursery() as watch:
+                            watch.start_soon(_on_signal(listing, report))
+                            jobs += await _core_jobs(core, opts, core_paths)
+                            watch.cancel_scope.cancel()
+                    if not report.interrupted:
+                        await _run_jobs(opts, report, progress, _dedup(jobs), core)
+                    # Every block received goes to disk before the store's tasks stop.
+                    with trio.move_on_after(5.0 if report.interrupted else math.inf):
+                        await store.flush()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            lock.release()
         report.bytes_network += fetcher.bytes_received
         report.bytes_on_disk = await trio.to_thread.run_sync(_on_disk, cache, jobs)
 

@@ -77,6 +77,7 @@ RANKS = {
             "atrest",
             "cachefiles",
             "cachekey",
+            "cachelock",
             "calls",
             "config",
             "crypto",

@@ -164,25 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the options in effect and where each comes from, then exit",
     )
-    m.add_argument(
-        "--api-url",
-        default=os.environ.get("VAPI_API_URL", DEFAULT_API_URL),
-        metavar="URL",
-        help="Vapi API base URL (default: $VAPI_API_URL or %(default)s)",
-    )
-    m.add_argument(
-        "--api-key-file", type=Path, metavar="FILE", help="read the key from FILE (mode 600)"
-    )
-    add_ca_file(m)
-    add_cache_dir(m)
-    add_cache_encryption(m)
-    m.add_argument(
-        "--cache-size",
-        type=parse_size,
-        default=parse_size("10G"),
-        metavar="SIZE",
-        help="hard cap on the disk cache, e.g. 10G, 500M (default: 10G)",
-    )
+    add_api_and_cache(m)
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     m.add_argument(
         "-o",
@@ -346,26 +328,38 @@ def build_parser() -> argparse.ArgumentParser:
         "-j", "--jobs", type=int, default=4, metavar="N", help="files fetched at once (default: 4)"
     )
     pf.add_argument("--json", action="store_true", help="print the totals as JSON")
-    pf.add_argument(
+    add_api_and_cache(pf)
+    return parser
+
+
+def add_api_and_cache(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that talks to the API and fills the cache (mount and
+    prefetch): one declaration, so that they mean the same and agree on the same cache."""
+    parser.add_argument(
         "--api-url",
         default=os.environ.get("VAPI_API_URL", DEFAULT_API_URL),
         metavar="URL",
         help="Vapi API base URL (default: $VAPI_API_URL or %(default)s)",
     )
-    pf.add_argument(
+    parser.add_argument(
         "--api-key-file", type=Path, metavar="FILE", help="read the key from FILE (mode 600)"
     )
-    add_ca_file(pf)
-    add_cache_dir(pf)
-    add_cache_encryption(pf)
-    pf.add_argument(
+    add_ca_file(parser)
+    add_cache_dir(parser)
+    add_cache_encryption(parser)
+    parser.add_argument(
         "--cache-size",
         type=parse_size,
         default=parse_size("10G"),
         metavar="SIZE",
-        help="hard cap on the disk cache, as for mount (default: 10G)",
+        help="hard cap on the disk cache, e.g. 10G, 500M (default: 10G)",
     )
-    return parser
+
+
+def api_url(args: argparse.Namespace) -> str:
+    if not re.match(r"^https?://[^\s/]+", args.api_url):
+        raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
+    return str(args.api_url)
 
 
 def add_ca_file(parser: argparse.ArgumentParser) -> None:
@@ -575,8 +569,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     for option in ("read_timeout", "stall_timeout"):
         if getattr(args, option) <= 0:
             raise UsageError(f"--{option.replace('_', '-')} must be longer than 0s")
-    if not re.match(r"^https?://[^\s/]+", args.api_url):
-        raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
+    url = api_url(args)
     if args.cache_size < (1 << 20):
         raise UsageError("--cache-size must be at least 1M")
     zone = parse_zone(args.timezone)
@@ -595,7 +588,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     opts = MountOptions(
         fuse=fuse,
         mountpoint=args.mountpoint.expanduser().absolute(),
-        api_url=args.api_url,
+        api_url=url,
         api_key=key,
         cache_dir=args.cache_dir.expanduser().absolute(),
         cache_size=args.cache_size,
@@ -627,8 +620,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         raise UsageError("--until needs --since")
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
-    if not re.match(r"^https?://[^\s/]+", args.api_url):
-        raise UsageError(f"--api-url {args.api_url!r} is not an http(s) URL")
+    url = api_url(args)
     zone = parse_zone(args.timezone)
     now = time.time()
     since = parse_when("--since", args.since, zone).at(now) if args.since is not None else None
@@ -647,7 +639,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir.expanduser().absolute(),
         cache_size=args.cache_size,
         jobs=args.jobs,
-        api_url=args.api_url,
+        api_url=url,
         key=lambda: read_key(args.api_key_file),
         progress=sys.stderr.isatty(),
         encrypt_cache=args.encrypt_cache,

@@ -1065,3 +1065,30 @@ def test_meta_and_blocks_share_a_root(tmp_path: Path) -> None:
     assert m.get("versions", "k") == {"size": 1}
     m.clear()
     assert c.stats().blocks == 0
+
+
+def test_reopening_under_a_read_leaves_no_descriptor_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = make(tmp_path)
+    for i in range(2):
+        assert c.put(CALL, KIND, V1, i, payload(V1, i))
+    c.open()
+    before = len(os.listdir("/proc/self/fd"))
+    real = os.pread
+    reopened: list[int] = []
+
+    def pread_then_reopen(fd: int, n: int, offset: int) -> bytes:
+        data = real(fd, n, offset)
+        if not reopened:
+            reopened.append(fd)
+            c.open()  # another thread rebuilds the index while this read holds the file
+        return data
+
+    monkeypatch.setattr(os, "pread", pread_then_reopen)
+    assert c.get_many(CALL, KIND, V1, [0, 1]) == [payload(V1, 0), payload(V1, 1)]
+    monkeypatch.undo()
+    assert reopened
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert c.get(CALL, KIND, V1, 1) == payload(V1, 1)
+    assert len(os.listdir("/proc/self/fd")) == before + 1  # the file, open again for reuse

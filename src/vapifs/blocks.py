@@ -512,7 +512,10 @@ class BlockCache:
                 f.fd = -1
 
     def _close_all_locked(self) -> None:
-        for f in self._open.values():
+        """Before the index is built again: every file known so far is forgotten; one still
+        in use is closed by its last user."""
+        for f in [*self._files.values(), *self._open.values()]:
+            f.alive = False
             if f.fd >= 0 and f.users == 0:
                 os.close(f.fd)
                 f.fd = -1

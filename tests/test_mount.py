@@ -324,7 +324,13 @@ def test_daemon_mount_and_umount(fake: FakeVapi, tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         assert time.monotonic() - started < 20
         assert os.path.ismount(mountpoint)
-        assert sorted(os.listdir(mountpoint)) == ["by-assistant", "by-date", "calls"]
+        assert sorted(os.listdir(mountpoint)) == [
+            "by-assistant",
+            "by-date",
+            "calls",
+            "calls.csv",
+            "calls.jsonl",
+        ]
     finally:
         done = subprocess.run([*VAPIFS, "umount", str(mountpoint)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -114,7 +114,13 @@ def test_by_date_and_by_assistant_link_to_calls(
     fake: FakeVapi, mount_factory: MountFactory, zone: str
 ) -> None:
     m = mount_factory("--timezone", zone)
-    assert sorted(os.listdir(m.mountpoint)) == ["by-assistant", "by-date", "calls"]
+    assert sorted(os.listdir(m.mountpoint)) == [
+        "by-assistant",
+        "by-date",
+        "calls",
+        "calls.csv",
+        "calls.jsonl",
+    ]
     days, assistants = _groups(fake, ZoneInfo(zone))
     for view, groups in (("by-date", days), ("by-assistant", assistants)):
         root = m.mountpoint / view

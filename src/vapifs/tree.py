@@ -15,6 +15,7 @@ from typing import Any
 import trio
 
 from . import calls as C
+from . import table
 from .api import VapiClient
 from .errors import NetworkError, NotFound, VapifsError
 from .gzview import GzipViews
@@ -28,6 +29,10 @@ ROOT_INODE = 1
 CALLS_INODE = 2
 BY_DATE_INODE = 3
 BY_ASSISTANT_INODE = 4
+CSV_INODE = 5
+JSONL_INODE = 6
+# The table of the window at the root: name -> (inode, how the rows are written).
+TABLES = {"calls.csv": (CSV_INODE, table.to_csv), "calls.jsonl": (JSONL_INODE, table.to_jsonl)}
 PAGE_LIMIT = 1000
 NEGATIVE_TTL = 60.0
 # A call that ended less than this long ago may still get its recordings and logs (seconds).
@@ -171,7 +176,9 @@ class Tree:
                 BY_ASSISTANT_INODE, "by-assistant", True, started, group=("assistant", "")
             ),
         }
-        self._next_inode = BY_ASSISTANT_INODE + 1
+        for name, (inode, _) in TABLES.items():
+            self._nodes[inode] = Node(inode, name, False, started, content=b"")
+        self._next_inode = JSONL_INODE + 1
         self._calls: dict[str, _Call] = {}
         self._dir_nodes: dict[str, Node] = {}
         self._missing: dict[str, float] = {}
@@ -198,6 +205,8 @@ class Tree:
         self._listings_made = 0  # listings made, and the newest of them stored
         self._listing_stored = 0
         self._offline = False  # calls/ shows the call objects on disk, the API unreachable
+        self._table_of: list[str] | None = None  # the window the tables were made of
+        self._table_lock = trio.Lock()
 
     # -- nodes ---------------------------------------------------------------------------
 
@@ -215,6 +224,9 @@ class Tree:
 
     async def lookup(self, parent: int, name: str) -> Node:
         if parent == ROOT_INODE:
+            if name in TABLES:
+                await self._tables()
+                return self._nodes[TABLES[name][0]]
             for root_child in self._root_children():
                 if root_child.name == name:
                     return root_child
@@ -238,6 +250,53 @@ class Tree:
     def _root_children(self) -> list[Node]:
         return [self._nodes[i] for i in (BY_ASSISTANT_INODE, BY_DATE_INODE, CALLS_INODE)]
 
+    async def _tables(self) -> None:
+        """Make calls.csv and calls.jsonl of the current window, once per listing.
+
+        From the call objects the listing brought (or a previous mount stored): no request
+        per call, and the size is exact before anything is read.
+        """
+        await self._refresh_window()
+        ids = self._window_ids
+        if self._table_of is ids:
+            return
+        async with self._table_lock:
+            if self._table_of is ids:
+                return
+            known = {i: e.call for i in ids if (e := self._calls.get(i)) is not None}
+            missing = [i for i in ids if i not in known]
+            if missing:
+                known.update(await trio.to_thread.run_sync(self._stored_calls, missing))
+            objects = [
+                known.get(i)
+                or {"id": i, "createdAt": C.format_time(self._window_created.get(i, 0.0))}
+                for i in ids
+            ]
+
+            def render() -> list[bytes]:
+                rows = [table.row(call) for call in objects]
+                return [write(rows) for _, write in TABLES.values()]
+
+            if len(objects) > 200:
+                contents = await trio.to_thread.run_sync(render)
+            else:
+                contents = render()
+            newest = max(self._window_created.values(), default=self._nodes[ROOT_INODE].mtime)
+            for (inode, _), content in zip(TABLES.values(), contents, strict=True):
+                self._nodes[inode].content = content
+                self._nodes[inode].mtime = newest
+            self._table_of = ids
+
+    def _stored_calls(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Call objects a previous mount stored (blocking: call it in a thread)."""
+        out = {}
+        for call_id in ids:
+            doc = self._meta.get("call", call_id)
+            call = doc.get("call") if doc is not None else None
+            if isinstance(call, dict):
+                out[call_id] = call
+        return out
+
     async def _prepare(self, child: Node, light: bool = False) -> None:
         """Learn what the attributes of a remote file need: its version, its decompressed size.
 
@@ -252,7 +311,12 @@ class Tree:
     async def children(self, inode: int) -> list[Node]:
         node = self.node(inode)
         if inode == ROOT_INODE:
-            return self._root_children()
+            try:
+                await self._tables()
+            except VapifsError as exc:
+                log.warning("calls.csv, calls.jsonl: left out of the listing: %s", exc)
+                return self._root_children()
+            return self._root_children() + [self._nodes[i] for i, _ in TABLES.values()]
         if inode == CALLS_INODE:
             await self._refresh_window()
             return [self._window_node(call_id) for call_id in self._window_ids]

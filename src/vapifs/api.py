@@ -20,6 +20,7 @@ from .errors import (
     ProtocolError,
     VapifsError,
 )
+from .rate import Governor
 from .redact import REDACTOR, redact_url
 from .retry import RetryPolicy, parse_retry_after
 from .tls import untrusted
@@ -44,6 +45,9 @@ _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 # the network returns succeeds.
 _CONNECT_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout)
 _CONNECT_ATTEMPTS = 3
+# With a governor, a 429 slows every request down and is tried again without using up an
+# attempt, this many times at most: a reader waits (within its read timeout), never fails.
+_MAX_THROTTLED = 30
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,10 @@ class VapiClient:
         api_key: str,
         *,
         policy: RetryPolicy | None = None,
+        governor: Governor | None = None,
     ) -> None:
         self._client = client
+        self.governor = governor  # paces every request, retries included
         self._base = base_url.rstrip("/")
         self._auth = {"Authorization": f"Bearer {api_key}"}
         self._policy = policy or RetryPolicy()
@@ -95,6 +101,7 @@ class VapiClient:
         # Every HTTP attempt, retries included, by kind: list (GET /call), get, resolve.
         self.attempts: dict[str, int] = dict.fromkeys(("list", "get", "resolve"), 0)
         self.failures = 0  # attempts that ended in a transport error or an error status
+        self.throttled = 0  # attempts the API refused with 429
         self.unreachable = False  # the last attempt could not connect
 
     def _stop_retrying(self, exc: httpx.TransportError, attempt: int, was_down: bool) -> bool:
@@ -111,9 +118,12 @@ class VapiClient:
         last: str = "no attempt"
         was_down = self.unreachable
         tries = 0
-        for attempt in range(self._policy.attempts):
+        attempt = 0
+        throttled = 0
+        while attempt < self._policy.attempts:
             retry_after: float | None = None
             tries += 1
+            await self._pace()
             try:
                 self.requests += 1
                 self.attempts["list" if path.rstrip("/") == "/call" else "get"] += 1
@@ -142,11 +152,27 @@ class VapiClient:
                     )
                 last = f"HTTP {status}"
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
-            if attempt + 1 < self._policy.attempts:
-                delay = self._policy.delay(attempt, retry_after)
+                if status == 429 and self._slow_down(retry_after, throttled):
+                    throttled += 1
+                    continue
+            attempt += 1
+            if attempt < self._policy.attempts:
+                delay = self._policy.delay(attempt - 1, retry_after)
                 log.debug("api: %s %s failed (%s); retrying in %.2fs", method, path, last, delay)
                 await trio.sleep(delay)
         raise NetworkError(f"{method} {path}: gave up after {_tries(tries)} ({last})")
+
+    async def _pace(self) -> None:
+        if self.governor is not None:
+            await self.governor.acquire()
+
+    def _slow_down(self, retry_after: float | None, throttled: int) -> bool:
+        """A 429: tell the governor; True when it is to be tried again at once (it waits)."""
+        self.throttled += 1
+        if self.governor is None or throttled >= _MAX_THROTTLED:
+            return False
+        self.governor.refused(retry_after)
+        return True
 
     async def _json(self, path: str, params: dict[str, str] | None = None) -> Any:
         """GET a JSON document; malformed JSON is retried like a server error."""
@@ -190,9 +216,13 @@ class VapiClient:
         last = "no attempt"
         was_down = self.unreachable
         tries = 0
-        for attempt in range(self._policy.attempts):
+        attempt = 0
+        throttled = 0
+        while attempt < self._policy.attempts:
             retry_after: float | None = None
             tries += 1
+            again = False
+            await self._pace()
             try:
                 self.requests += 1
                 self.attempts["resolve"] += 1
@@ -227,10 +257,15 @@ class VapiClient:
                         raise ProtocolError(f"{path}: HTTP {status}: {_error_message(response)}")
                     last = f"HTTP {status}"
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
+                    again = status == 429 and self._slow_down(retry_after, throttled)
                 finally:
                     await response.aclose()
-            if attempt + 1 < self._policy.attempts:
-                await trio.sleep(self._policy.delay(attempt, retry_after))
+            if again:
+                throttled += 1
+                continue
+            attempt += 1
+            if attempt < self._policy.attempts:
+                await trio.sleep(self._policy.delay(attempt - 1, retry_after))
         raise NetworkError(f"{path}: gave up after {_tries(tries)} ({last})")
 
 

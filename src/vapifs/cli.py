@@ -16,7 +16,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from . import __version__, units
 from .config import command_names
-from .defaults import DEFAULT_API_URL, DEFAULT_REVALIDATE, default_cache_dir, default_config_file
+from .defaults import (
+    DEFAULT_API_RATE,
+    DEFAULT_API_URL,
+    DEFAULT_REVALIDATE,
+    DEFAULT_STORAGE_CONNECTIONS,
+    default_cache_dir,
+    default_config_file,
+)
 
 EXAMPLES = """\
 examples:
@@ -354,6 +361,7 @@ def add_api_and_cache(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="hard cap on the disk cache, e.g. 10G, 500M (default: 10G)",
     )
+    add_network_limits(parser)
 
 
 def api_url(args: argparse.Namespace) -> str:
@@ -382,6 +390,39 @@ def ca_file(args: argparse.Namespace) -> Path | None:
     except TrustError as exc:
         raise UsageError(str(exc)) from None
     return path
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_network_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-rate",
+        type=_positive(float),
+        default=DEFAULT_API_RATE,
+        metavar="N",
+        help="API requests per second at most, for everything this process does; a 429 slows "
+        f"it down further for a while (default: {DEFAULT_API_RATE:g})",
+    )
+    parser.add_argument(
+        "--storage-connections",
+        type=_positive(int),
+        default=DEFAULT_STORAGE_CONNECTIONS,
+        metavar="N",
+        help="requests to the storage host at once; they are not API requests and do not "
+        f"count against --api-rate (default: {DEFAULT_STORAGE_CONNECTIONS})",
+    )
 
 
 def add_cache_dir(parser: argparse.ArgumentParser) -> None:
@@ -604,6 +645,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         timezone=args.timezone,
         read_timeout=args.read_timeout,
         stall_timeout=args.stall_timeout,
+        api_rate=args.api_rate,
+        storage_connections=args.storage_connections,
         encrypt_cache=args.encrypt_cache,
         cache_key_file=cache_key_file(args),
         ca_file=ca_file(args),
@@ -642,6 +685,8 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         api_url=url,
         key=lambda: read_key(args.api_key_file),
         progress=sys.stderr.isatty(),
+        api_rate=args.api_rate,
+        storage_connections=args.storage_connections,
         encrypt_cache=args.encrypt_cache,
         cache_key_file=cache_key_file(args),
         ca_file=ca_file(args),

@@ -17,8 +17,10 @@ from . import __version__
 from .api import VapiClient
 from .blocks import BlockCache
 from .crypto import Cipher
+from .defaults import DEFAULT_STORAGE_CONNECTIONS
 from .fetch import Fetcher
 from .meta import MetaStore
+from .rate import Governor
 from .reader import ArtifactStore
 from .resolver import Resolver
 from .retry import RetryPolicy
@@ -56,6 +58,7 @@ def http_client(
     stall_timeout: float,
     connect_timeout: float = 5.0,
     ca_file: Path | None = None,
+    storage_connections: int = DEFAULT_STORAGE_CONNECTIONS,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """The one HTTP client of a process: API and storage, bounded connections and waits.
@@ -67,7 +70,11 @@ def http_client(
     timeout = httpx.Timeout(
         connect=connect_timeout, read=stall_timeout, write=10.0, pool=read_timeout
     )
-    limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
+    # Storage requests at once, and room beside them for the API's.
+    limits = httpx.Limits(
+        max_connections=storage_connections + 16,
+        max_keepalive_connections=storage_connections + 8,
+    )
     headers = {"User-Agent": f"vapifs/{__version__}"}
     return httpx.AsyncClient(
         timeout=timeout,
@@ -79,8 +86,12 @@ def http_client(
     )
 
 
-def api_client(client: httpx.AsyncClient, api_url: str, api_key: str) -> VapiClient:
-    return VapiClient(client, api_url, api_key, policy=RetryPolicy())
+def api_client(
+    client: httpx.AsyncClient, api_url: str, api_key: str, *, rate: float | None = None
+) -> VapiClient:
+    """The API client of a process: every request it makes shares one budget of `rate`/s."""
+    governor = Governor(rate) if rate is not None else Governor()
+    return VapiClient(client, api_url, api_key, policy=RetryPolicy(), governor=governor)
 
 
 @dataclass
@@ -105,6 +116,7 @@ async def open_core(
     revalidate_after: float,
     read_timeout: float,
     wall_clock: Callable[[], float] = time.time,
+    storage_connections: int = DEFAULT_STORAGE_CONNECTIONS,
 ) -> Core:
     """Open the caches under `cache_dir` and build the read path; tasks go to `nursery`."""
     await trio.to_thread.run_sync(lambda: cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
@@ -113,7 +125,9 @@ async def open_core(
     await trio.to_thread.run_sync(cache.open)
     resolver = Resolver(api)
     api.on_calls = resolver.offer_calls  # listings carry fresh signed URLs: keep them
-    fetcher = Fetcher(client, resolver, block_size=cache.block_size)
+    fetcher = Fetcher(
+        client, resolver, block_size=cache.block_size, max_connections=storage_connections
+    )
     store = ArtifactStore(
         nursery,
         cache,

@@ -8,6 +8,11 @@ from pathlib import Path
 DEFAULT_API_URL = "https://api.vapi.ai"
 # An ended call's artifacts do not change in practice: check each version about once a day.
 DEFAULT_REVALIDATE = 86400.0
+# The organisation's API limit is not documented: stay well under what a busy org is allowed.
+DEFAULT_API_RATE = 10.0  # requests per second
+# Requests to the storage host at once: not the API, so not under its rate limit; enough to
+# learn many files' sizes ahead of a walk in a few round trips.
+DEFAULT_STORAGE_CONNECTIONS = 16
 
 
 def _xdg(variable: str, *fallback: str) -> Path:

@@ -11,6 +11,7 @@ import httpx
 import trio
 
 from .api import Resolution
+from .defaults import DEFAULT_STORAGE_CONNECTIONS
 from .errors import CertificateError, KeyRejected, NetworkError, VersionChanged
 from .resolver import Resolver
 from .retry import RetryPolicy, parse_retry_after
@@ -114,7 +115,7 @@ class Fetcher:
         *,
         block_size: int,
         policy: RetryPolicy | None = None,
-        max_connections: int = 16,
+        max_connections: int = DEFAULT_STORAGE_CONNECTIONS,
         max_refusals: int = 6,
     ) -> None:
         self._client = client

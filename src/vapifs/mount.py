@@ -27,7 +27,12 @@ from .cachekey import cache_cipher
 from .cachelock import CacheInUse, lock_cache
 from .core import api_client, http_client, open_core
 from .crypto import CacheKeyError, Cipher
-from .defaults import DEFAULT_REVALIDATE, default_log_file
+from .defaults import (
+    DEFAULT_API_RATE,
+    DEFAULT_REVALIDATE,
+    DEFAULT_STORAGE_CONNECTIONS,
+    default_log_file,
+)
 from .errors import CertificateError, KeyRejected, VapifsError
 from .fs import Operations
 from .gzview import GzipViews
@@ -72,6 +77,8 @@ class MountOptions:
     timezone: str = "UTC"
     read_timeout: float = 30.0
     stall_timeout: float = 10.0
+    api_rate: float = DEFAULT_API_RATE
+    storage_connections: int = DEFAULT_STORAGE_CONNECTIONS
     encrypt_cache: bool = False
     cache_key_file: Path | None = None  # None: crypto.default_key_file()
     ca_file: Path | None = None  # trusted besides the system's CAs and SSL_CERT_FILE
@@ -198,9 +205,10 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
         read_timeout=opts.read_timeout,
         stall_timeout=opts.stall_timeout,
         ca_file=opts.ca_file,
+        storage_connections=opts.storage_connections,
     )
     async with client:
-        api = api_client(client, opts.api_url, opts.api_key)
+        api = api_client(client, opts.api_url, opts.api_key, rate=opts.api_rate)
         try:
             with trio.fail_after(opts.read_timeout):
                 await api.check_key()
@@ -222,6 +230,7 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                 cipher,
                 revalidate_after=opts.revalidate,
                 read_timeout=opts.read_timeout,
+                storage_connections=opts.storage_connections,
             )
             tree = Tree(
                 api,

@@ -23,7 +23,7 @@ from .cachekey import cache_cipher
 from .cachelock import CacheInUse, lock_cache
 from .core import api_client, http_client, open_core
 from .crypto import CacheKeyError
-from .defaults import DEFAULT_REVALIDATE
+from .defaults import DEFAULT_API_RATE, DEFAULT_REVALIDATE, DEFAULT_STORAGE_CONNECTIONS
 from .errors import KeyRejected, VapifsError
 from .fetch import Fetcher
 from .reader import MAX_RUN_BLOCKS, ArtifactStore
@@ -61,6 +61,8 @@ class PrefetchOptions:
     read_timeout: float = 30.0
     stall_timeout: float = 10.0
     progress: bool = False
+    api_rate: float = DEFAULT_API_RATE
+    storage_connections: int = DEFAULT_STORAGE_CONNECTIONS
     encrypt_cache: bool = False
     cache_key_file: Path | None = None
     ca_file: Path | None = None
@@ -379,10 +381,13 @@ async def _with_core(
     """Build the FUSE-free core (as a mount does, without FUSE) and prefetch through it."""
     key = opts.key()
     client = http_client(
-        read_timeout=opts.read_timeout, stall_timeout=opts.stall_timeout, ca_file=opts.ca_file
+        read_timeout=opts.read_timeout,
+        stall_timeout=opts.stall_timeout,
+        ca_file=opts.ca_file,
+        storage_connections=opts.storage_connections,
     )
     async with client:
-        api = api_client(client, opts.api_url, key)
+        api = api_client(client, opts.api_url, key, rate=opts.api_rate)
         try:
             cipher = await trio.to_thread.run_sync(
                 cache_cipher, opts.cache_dir, opts.encrypt_cache, opts.cache_key_file
@@ -404,6 +409,7 @@ async def _with_core(
                     cipher,
                     revalidate_after=DEFAULT_REVALIDATE,
                     read_timeout=opts.read_timeout,
+                    storage_connections=opts.storage_connections,
                 )
                 store, cache, fetcher = built.store, built.cache, built.fetcher
                 core = _Core(api, Tree(api, store, built.meta), store, cache, fetcher)

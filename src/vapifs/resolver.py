@@ -41,6 +41,7 @@ def url_lifetime(url: str, now: float | None = None) -> float | None:
 class _Entry:
     resolution: Resolution
     fresh_until: float
+    offered: bool = False  # came with a call object, not used yet
 
 
 class Resolver:
@@ -64,11 +65,15 @@ class Resolver:
         self._entries: dict[Key, _Entry] = {}
         self._locks: dict[Key, trio.Lock] = {}
         self.resolutions = 0
+        self.presigned_used = 0  # resolves spared by URLs that came with call objects
 
     async def get(self, call_id: str, kind: str) -> Resolution:
         key = (call_id, kind)
         entry = self._entries.get(key)
         if entry is not None and self._clock() < entry.fresh_until:
+            if entry.offered:
+                entry.offered = False
+                self.presigned_used += 1
             return entry.resolution
         lock = self._locks.setdefault(key, trio.Lock())
         async with lock:
@@ -110,7 +115,7 @@ class Resolver:
                 entry = self._entries.get((call_id, kind))
                 if entry is not None and now < entry.fresh_until:
                     continue
-                self._entries[(call_id, kind)] = _Entry(Resolution(url), now + age)
+                self._entries[(call_id, kind)] = _Entry(Resolution(url), now + age, offered=True)
         self._prune()
 
     def invalidate(self, call_id: str, kind: str, resolution: Resolution) -> None:

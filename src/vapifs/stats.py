@@ -63,6 +63,10 @@ def snapshot(src: Sources, now: float | None = None) -> dict[str, Any]:
             "storage_get": src.fetcher.requests,
         },
         "signed_url_resolutions": src.resolver.resolutions,
+        # Resolves the presigned URLs of listings made unnecessary (each URL counted once).
+        "resolves_spared": src.resolver.presigned_used,
+        "api_throttled": src.api.throttled,
+        "api_rate": src.api.governor.rate if src.api.governor is not None else None,
         "bytes": {
             "network": network,
             "disk_cache": r.bytes_from_disk,
@@ -170,6 +174,11 @@ def render_table(doc: dict[str, Any]) -> str:
         ("API requests: resolve", str(req.get("api_resolve", 0))),
         ("storage GETs", str(req.get("storage_get", 0))),
         ("signed-URL resolutions", str(doc.get("signed_url_resolutions", 0))),
+        ("resolves spared by listings", str(doc.get("resolves_spared", 0))),
+        (
+            "API 429 answers",
+            f"{doc.get('api_throttled', 0)} (pace now {float(doc.get('api_rate') or 0):g}/s)",
+        ),
         ("bytes from network", amount(int(b.get("network", 0)))),
         ("bytes from disk cache", amount(int(b.get("disk_cache", 0)))),
         ("bytes from memory", amount(int(b.get("memory", 0)))),

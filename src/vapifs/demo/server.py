@@ -80,6 +80,9 @@ class Knobs:
     api_down: bool = False
     api_stall: bool = False  # the API accepts requests and stays silent for stall_seconds
     storage_stall: bool = False  # so does storage, before it answers anything
+    # An org's rate limit: requests per second (0: none) beyond a burst of as many; the
+    # ones over it answer 429 with a Retry-After of the seconds until one would pass.
+    api_rate_limit: float = 0.0
 
 
 KNOB_NAMES = frozenset(f.name for f in dataclasses.fields(Knobs))
@@ -332,6 +335,14 @@ class _ApiHandler(_Handler):
             owner._count("api.unauthorized")
             self._send(401, _error(401, "Unauthorized", UNAUTHORIZED_MESSAGE))
             return
+        if knobs.api_rate_limit > 0:
+            wait = owner._rate_wait(knobs.api_rate_limit)
+            if wait > 0:
+                owner._count("fault.api_429")
+                msg = "ThrottlerException: Too Many Requests"
+                after = (("Retry-After", str(max(1, math.ceil(wait)))),)
+                self._send(429, _error(429, "Too Many Requests", msg), headers=after)
+                return
         roll = owner._roll()
         if roll < knobs.api_500_rate:
             owner._count("fault.api_500")
@@ -536,6 +547,7 @@ class FakeVapi:
         # Set on pause/stop so that stalled responses give up at once.
         self._halt = threading.Event()
         self._started = False
+        self._rate_bucket = (float("inf"), time.monotonic())  # (tokens, when)
         # HTTPS on both servers, with a certificate that only `ca_file` makes trusted (a new
         # throwaway CA's, or that of the one given, which other servers may share).
         self.certs = tls if isinstance(tls, ThrowawayCA) else ThrowawayCA() if tls else None
@@ -642,6 +654,18 @@ class FakeVapi:
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counters[name] = self._counters.get(name, 0) + n
+
+    def _rate_wait(self, rate: float) -> float:
+        """0 when a request may pass the rate limit now (and takes its token), else the wait."""
+        with self._lock:
+            now = time.monotonic()
+            tokens, at = self._rate_bucket
+            tokens = min(rate, tokens + (now - at) * rate)
+            if tokens >= 1.0:
+                self._rate_bucket = (tokens - 1.0, now)
+                return 0.0
+            self._rate_bucket = (tokens, now)
+            return (1.0 - tokens) / rate
 
     def _roll(self) -> float:
         with self._lock:

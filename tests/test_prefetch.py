@@ -176,7 +176,8 @@ def test_prefetch_goes_through_a_running_mount(
     report = prefetch(fake, m.cache_dir, "--since", "3d", "--artifacts", "logs", with_key=False)
     logs = window(fake, 3, {"logs"})
     assert report["done"] == len(logs)
-    assert fetched_artifacts(fake) <= {f"{path.split('/')[0]}/logs" for path in logs}
+    # (the mount may read the next calls' logs ahead of what looks like a walk: logs only)
+    assert {artifact.split("/")[1] for artifact in fetched_artifacts(fake)} == {"logs"}
 
     # The mount now holds it all: another run fetches nothing.
     fake.reset_counters()

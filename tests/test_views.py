@@ -15,7 +15,7 @@ import pytest
 from vapifs.calls import artifact_files, parse_time
 from vapifs.demo.data import extra_call, generate_calls, light_calls
 from vapifs.demo.server import FakeVapi
-from vapifs.tree import SCAN_AHEAD, SCAN_DIRS
+from vapifs.walk import SCAN_AHEAD, SCAN_DIRS
 
 from .conftest import MountFactory
 

@@ -164,6 +164,19 @@ class Fetcher:
 
         return await self._run(call_id, kind, _Progress(0, 1, None, one_byte), drop)
 
+    async def fetch_start(self, call_id: str, kind: str, n: int) -> tuple[Version, bytes]:
+        """The artifact's version and its first `n` bytes, in one request (a header probe)."""
+        parts: list[bytes] = []
+
+        async def keep(pos: int, data: bytes) -> None:
+            parts.append(data)
+
+        def to_n(pos: int, size: int) -> int:
+            return min(n, size)
+
+        version = await self._run(call_id, kind, _Progress(0, n, None, to_n), keep)
+        return version, b"".join(parts)
+
     async def fetch_bytes(
         self, call_id: str, kind: str, start: int, end: int, expect: Version
     ) -> bytes:

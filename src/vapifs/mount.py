@@ -266,6 +266,7 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                 started=time.time(),
                 mountpoint=str(opts.mountpoint),
                 cache_dir=str(opts.cache_dir),
+                walks=tree.walks.stats,
             )
             ops.stats_source = lambda: encode_stats(snapshot(sources))
             # Everything that can fail comes before init: after it, only main's finally

@@ -44,6 +44,10 @@ WRITERS = 2  # tasks storing fetched blocks on disk
 # still stuck) fails at once too; one that needs a new attempt gets one.
 GAVE_UP_MEMO = 2.0
 _GAVE_UP = (NetworkError, ProtocolError, KeyRejected)
+# A head: the first bytes of an artifact fetched alone, for programs that read only its
+# header. Heads live in memory only: the disk cache holds whole blocks.
+HEAD_BYTES = 64 << 10
+HEADS_MEMORY = 16 << 20
 
 
 @dataclass
@@ -59,6 +63,8 @@ class Stream:
     # round trip (the first one also paid for a connection, or for resolving a URL).
     seek_seconds: list[float] = field(default_factory=list)
     fill: trio.CancelScope | None = None  # the background download of the whole file
+    # The first read is likely a header probe (a walk says so): fetch a head, not a block.
+    head_first: bool = False
 
     def close(self) -> None:
         """The file was closed: stop work done for this reader alone."""
@@ -130,6 +136,11 @@ class ArtifactStore:
         self._now = wall_clock
         self._memory: LRUCache[BlockKey, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         self._inflight: dict[BlockKey, _Pending] = {}
+        # (call id, kind, version token, "head" or "tail") -> the first or last bytes.
+        self._ends: LRUCache[tuple[str, str, str, str], bytes] = LRUCache(
+            maxsize=HEADS_MEMORY, getsizeof=len
+        )
+        self._ends_inflight: dict[tuple[str, str, str, str], trio.Event] = {}
         self._disk_limiter = trio.CapacityLimiter(DISK_PARALLEL)
         self._gave_up: dict[tuple[str, str], tuple[float, VapifsError]] = {}
         self._artifacts: dict[tuple[str, str], _Artifact] = {}
@@ -148,12 +159,15 @@ class ArtifactStore:
         state = self._artifacts.get((call_id, kind))
         return state.version if state else None
 
-    async def version(self, call_id: str, kind: str, *, light: bool = False) -> Version:
+    async def version(
+        self, call_id: str, kind: str, *, light: bool = False, head: bool = False
+    ) -> Version:
         """The artifact's current version (size, ETag), checked at most once per interval.
 
         Discovery fetches block 0 as well, so a player's first read is already cached, unless
         `light` (a directory listing, which wants sizes of many files and reads few): then
-        one byte. When the network is down, a version seen before is used as it is.
+        one byte, or `head` (a walk that reads headers): its first HEAD_BYTES. When the
+        network is down, a version seen before is used as it is.
         """
         state = self._artifacts.setdefault((call_id, kind), _Artifact())
         if state.version is not None and self._fresh(state):
@@ -168,7 +182,7 @@ class ArtifactStore:
             if state.version is None:
                 self._check_gave_up(call_id, kind)
             try:
-                await self._discover(call_id, kind, state, light)
+                await self._discover(call_id, kind, state, light, head)
             except NetworkError as exc:
                 if state.version is None:
                     raise
@@ -208,8 +222,11 @@ class ArtifactStore:
     def _fresh(self, state: _Artifact) -> bool:
         return 0 <= self._now() - state.checked_at < self.revalidate_after
 
-    async def _discover(self, call_id: str, kind: str, state: _Artifact, light: bool) -> None:
+    async def _discover(
+        self, call_id: str, kind: str, state: _Artifact, light: bool, head: bool = False
+    ) -> None:
         got: list[bytes] = []
+        start = b""
 
         async def keep(index: int, data: bytes) -> None:
             got.append(data)
@@ -217,11 +234,18 @@ class ArtifactStore:
         with trio.move_on_after(self.read_timeout) as scope:
             if light:
                 new = await self.fetcher.probe(call_id, kind)
+            elif head:
+                new, start = await self.fetcher.fetch_start(call_id, kind, HEAD_BYTES)
             else:
                 new = await self.fetcher.fetch(call_id, kind, 0, 1, None, keep)
         if scope.cancelled_caught:
             raise NetworkError(f"{call_id}/{kind}: no answer within {self.read_timeout:g}s")
         await self._adopt(call_id, kind, state, new)
+        self.stats.bytes_from_network += len(start)
+        if start and len(start) == min(new.size, self.block_size):
+            got.append(start)  # the whole first block: the file is that small
+        elif start:
+            self._ends[(call_id, kind, new.token(), "head")] = start
         if got:
             self._deliver(call_id, kind, new, 0, got[0])
             await self._writes_send.send((call_id, kind, new, 0, got[0]))
@@ -311,11 +335,29 @@ class ArtifactStore:
         end = min(offset + size, version.size)
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
+        head_first = stream is not None and stream.head_first and stream.next_offset < 0
+        token = version.token()
+        head = self._ends.get((call_id, kind, token, "head"))
+        if head is not None and end <= len(head):
+            self._note_access(stream, offset, end)
+            self.stats.bytes_from_memory += end - offset
+            return head[offset:end]
+        ending = self._ends.get((call_id, kind, token, "tail"))
+        if ending is not None and offset >= version.size - len(ending):
+            self._note_access(stream, offset, end)
+            self.stats.bytes_from_memory += end - offset
+            at = version.size - len(ending)
+            return ending[offset - at : end - at]
         sequential, jump = self._note_access(stream, offset, end)
         found, waits, missing = await self._collect(call_id, kind, version, first, last)
         if missing:
             self._check_gave_up(call_id, kind)
         self._check_stuck(call_id, kind, waits)
+        if head_first and missing == [0] and end <= HEAD_BYTES < version.size:
+            # What a walk reads of these files is their header: a head answers sooner
+            # than a block, and costs a fraction of the bytes.
+            head = await self.head(call_id, kind, version)
+            return head[offset:end]
         if jump and not found and not any(p.data for p in waits.values()):
             # A seek to a spot nothing has fetched yet: one request for exactly these
             # bytes answers sooner than whole blocks (one round trip, little data).
@@ -344,6 +386,58 @@ class ArtifactStore:
         parts: list[bytes | memoryview] = [memoryview(blocks[0])[start:], *blocks[1:-1]]
         parts.append(memoryview(blocks[-1])[:tail])
         return b"".join(parts)
+
+    async def head(self, call_id: str, kind: str, version: Version) -> bytes:
+        """The first HEAD_BYTES of `version`, fetched once however many want them."""
+        return await self._end(call_id, kind, version, "head", 0, min(HEAD_BYTES, version.size))
+
+    async def tail(self, call_id: str, kind: str, version: Version, n: int) -> bytes:
+        """The last `n` bytes of `version` (a probe that reads the end of files)."""
+        n = min(n, version.size)
+        return await self._end(call_id, kind, version, "tail", version.size - n, version.size)
+
+    async def _end(
+        self, call_id: str, kind: str, version: Version, which: str, start: int, stop: int
+    ) -> bytes:
+        key = (call_id, kind, version.token(), which)
+        while True:
+            data = self._ends.get(key)
+            if data is not None and len(data) >= stop - start:
+                return data
+            pending = self._ends_inflight.get(key)
+            if pending is None:
+                break
+            await pending.wait()
+        pending = self._ends_inflight[key] = trio.Event()
+        try:
+            data = await self.fetcher.fetch_bytes(call_id, kind, start, stop, version)
+            self.stats.bytes_from_network += len(data)
+            self._ends[key] = data
+            return data
+        finally:
+            del self._ends_inflight[key]
+            pending.set()
+
+    async def prefetch(self, call_id: str, kind: str, nbytes: int, tail: int = 0) -> None:
+        """Bring the first `nbytes` (and the last `tail`) of the artifact into the caches, as
+        a reader would find them: a head when that is all, else whole blocks."""
+        version = await self.version(call_id, kind)
+        if tail > 0 and nbytes + tail < version.size:
+            await self.tail(call_id, kind, version, tail)
+        nbytes = min(nbytes, version.size)
+        if nbytes <= 0:
+            return
+        if nbytes <= HEAD_BYTES < version.size:
+            token = version.token()
+            if (call_id, kind, token, 0) not in self._memory and not self.cache.has(
+                call_id, kind, version, 0
+            ):
+                await self.head(call_id, kind, version)
+            return
+        last = (nbytes - 1) // self.block_size
+        found, waits, missing = await self._collect(call_id, kind, version, 0, last)
+        waits.update(self._start_fetches(call_id, kind, version, missing))
+        await self._wait(call_id, kind, version, found, waits, 0, last)
 
     def _consumed(self, call_id: str, kind: str, version: Version, first: int, end: int) -> None:
         """A sequential reader is past these blocks: they leave the memory cache.

@@ -20,6 +20,7 @@ from .fetch import Fetcher
 from .reader import ArtifactStore
 from .resolver import Resolver
 from .units import human_bytes, human_duration
+from .walk import WalkStats
 
 # A file of this name in the mount's root, never listed, reads as `snapshot()` in JSON,
 # taken when it is opened. (A file, not an extended attribute: a file system that answers
@@ -44,6 +45,7 @@ class Sources:
     started: float  # wall clock
     mountpoint: str
     cache_dir: str
+    walks: WalkStats | None = None
 
 
 def snapshot(src: Sources, now: float | None = None) -> dict[str, Any]:
@@ -95,6 +97,7 @@ def snapshot(src: Sources, now: float | None = None) -> dict[str, Any]:
             "disk_hits": src.cache.hits,
             "disk_misses": src.cache.misses,
         },
+        "walks": vars(src.walks).copy() if src.walks is not None else {},
         "note": PAGE_CACHE_NOTE,
     }
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
@@ -20,8 +19,9 @@ from .api import VapiClient
 from .errors import NetworkError, NotFound, VapifsError
 from .gzview import GzipViews
 from .meta import MetaStore
-from .reader import ArtifactStore, Stream
+from .reader import HEAD_BYTES, ArtifactStore, Stream
 from .version import Version
+from .walk import AHEAD_FILE_BYTES, FILES_AHEAD, SCAN_AHEAD, Hold, Order, Pattern, Walks
 
 log = logging.getLogger("vapifs.tree")
 
@@ -44,15 +44,6 @@ DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,254}$")
 # The two views over the window: directory name -> view.
 VIEWS = {"by-date": "date", "by-assistant": "assistant"}
-# A program that walks call directories one after another in the order of a listing or of a
-# shell's glob (`ls -l calls/*/`, `du`, `find -size`, the same in a by-date or by-assistant
-# directory) gets the next ones' attributes learnt ahead of it, a few calls at a time, one
-# byte per recording: otherwise each directory costs it a round trip of its own. A walk is
-# SCAN_DIRS directories, each the next one in the same order, all listed within SCAN_SECONDS.
-SCAN_DIRS = 4
-SCAN_SECONDS = 2.0
-SCAN_AHEAD = 32  # calls
-SCAN_PARALLEL = 8  # calls at once, one request at a time each
 
 
 @dataclass
@@ -111,19 +102,6 @@ class _GzSource:
 
 class _SourceChanged(VapifsError):
     """The gzip artifact changed on the server while its decompressed view was being read."""
-
-
-@dataclass
-class _Order:
-    """Call ids in an order a program may walk them, and how far ahead they are sized."""
-
-    source: list[str]  # the list this order was made from (rebuilt when it is replaced)
-    ids: list[str]
-    position: dict[str, int] = field(default_factory=dict)
-    ahead: int = 0  # ids[:ahead] have been sized, or are being
-
-    def __post_init__(self) -> None:
-        self.position = {call_id: i for i, call_id in enumerate(self.ids)}
 
 
 def _light(child: Node, files: dict[str, Node]) -> bool:
@@ -198,9 +176,8 @@ class Tree:
         store.on_version_change = self._version_changed
         self.on_invalidate: Callable[[int], None] | None = None
         self._nursery = nursery  # for background work; without one, none is done
-        self._walk: list[tuple[float, str]] = []  # recently listed call directories
-        self._orders: dict[tuple[str, str], _Order] = {}  # walkable orders, by (list, how)
-        self._ahead_limiter = trio.CapacityLimiter(SCAN_PARALLEL)
+        self.walks = Walks(nursery)
+        self._orders: dict[tuple[str, str], Order] = {}  # walkable orders, by (list, how)
         self._save_lock = trio.Lock()  # listings are stored one after the other
         self._listings_made = 0  # listings made, and the newest of them stored
         self._listing_stored = 0
@@ -243,7 +220,17 @@ class Tree:
             child = self._files(entry).get(name)
             if child is None:
                 raise NotFound(name)
-            await self._prepare(child)  # size before first read
+            call_id = node.call_id
+            if child.kind is not None:
+                self.walks.step(
+                    f"lookup:{name}",
+                    call_id,
+                    lambda: self._walk_orders(call_id),
+                    lambda ahead, hold: self._file_ahead("lookup", name, ahead, hold),
+                    ahead=FILES_AHEAD,
+                    name=name,
+                )
+            await self._prepare(child, head=self._first_request_is_a_head(child))
             return child
         raise NotFound(name)
 
@@ -297,14 +284,15 @@ class Tree:
                 out[call_id] = call
         return out
 
-    async def _prepare(self, child: Node, light: bool = False) -> None:
+    async def _prepare(self, child: Node, light: bool = False, head: bool = False) -> None:
         """Learn what the attributes of a remote file need: its version, its decompressed size.
 
-        `light` learns a size without fetching the file's first block (see store.version).
+        `light` learns a size without fetching the file's first block, `head` with its first
+        bytes only (see store.version).
         """
         if child.kind is None or child.call_id is None:
             return
-        await self._store.version(child.call_id, child.kind, light=light)
+        await self._store.version(child.call_id, child.kind, light=light, head=head)
         if child.gunzip:
             await self._gz.size(await self._gz_source(child))
 
@@ -324,7 +312,10 @@ class Tree:
             return await self._group_children(node)
         if node.call_id is None:
             return []
-        self._note_walk(node.call_id)
+        call_id = node.call_id
+        self.walks.step(
+            "dirs", call_id, lambda: self._walk_orders(call_id), self._size_call, ahead=SCAN_AHEAD
+        )
         entry = await self._call(node.call_id)
         files = self._files(entry)
         usable: dict[str, bool] = {}
@@ -344,33 +335,7 @@ class Tree:
                     nursery.start_soon(probe, child)
         return [c for c in files.values() if usable.get(c.name)]
 
-    def _note_walk(self, call_id: str) -> None:
-        """Remember a listed call directory; when it continues a walk, size ahead of it."""
-        if self._nursery is None:
-            return
-        now = trio.current_time()
-        walk = [(t, c) for t, c in self._walk if now - t < SCAN_SECONDS and c != call_id]
-        walk.append((now, call_id))
-        self._walk = walk = walk[-SCAN_DIRS:]
-        if len(walk) < SCAN_DIRS:
-            return
-        ids = [c for _, c in walk]
-        for order in self._walk_orders(call_id):
-            if not all(c in order.position for c in ids):
-                continue
-            at = [order.position[c] for c in ids]
-            if any(b != a + 1 for a, b in itertools.pairwise(at)):
-                continue
-            here = at[-1]
-            stop = min(here + 1 + SCAN_AHEAD, len(order.ids))
-            start = max(here + 1, order.ahead)
-            if stop - start >= SCAN_AHEAD // 2 or (stop == len(order.ids) and start < stop):
-                order.ahead = stop
-                for ahead in order.ids[start:stop]:
-                    self._nursery.start_soon(self._size_call, ahead)
-            return
-
-    def _walk_orders(self, call_id: str) -> list[_Order]:
+    def _walk_orders(self, call_id: str) -> list[Order]:
         """The orders a walk over `call_id` may follow: calls/, its day, its assistant,
         each as listed (newest first) and as a shell's glob sorts names."""
         lists: list[tuple[str, list[str]]] = [("calls", self._window_ids)]
@@ -386,24 +351,53 @@ class Tree:
             for how in ("listed", "sorted"):
                 order = self._orders.get((name, how))
                 if order is None or order.source is not ids:
-                    order = _Order(ids, sorted(ids) if how == "sorted" else list(ids))
+                    order = Order(ids, sorted(ids) if how == "sorted" else list(ids))
                     self._orders[(name, how)] = order
                 orders.append(order)
         return orders
 
-    async def _size_call(self, call_id: str) -> None:
-        """Learn the attributes of a call's files ahead of a walk; failures are the walk's to
-        meet (and report) when it gets there."""
-        async with self._ahead_limiter:
-            try:
-                files = self._files(await self._call(call_id))
-                for child in files.values():
-                    if child.kind is not None:
-                        await self._prepare(child, light=_light(child, files))
-            except VapifsError as exc:
-                log.debug("%s: attributes ahead of a walk: %s", call_id, exc)
-            except Exception:  # background work must never take the mount down
-                log.exception("%s: attributes ahead of a walk", call_id)
+    async def _size_call(self, call_id: str, hold: Hold) -> None:
+        """Learn the attributes of a call's files ahead of a walk over directories."""
+        files = self._files(await self._call(call_id))
+        async with trio.open_nursery() as nursery:
+            for child in files.values():
+                if child.kind is not None:
+                    nursery.start_soon(self._prepare, child, _light(child, files))
+
+    def _first_request_is_a_head(self, child: Node) -> bool:
+        """Whether opening this file should fetch a head rather than its first block: when
+        the walk it belongs to reads headers (a file opened alone gets its first block, so
+        that whatever a player reads first is already here)."""
+        if child.gunzip or child.call_id is None:
+            return False
+        return self.walks.reads_heads(child.name, child.call_id)
+
+    async def _file_ahead(self, phase: str, name: str, call_id: str, hold: Hold) -> None:
+        """Ahead of a walk over one file name: its size when the walk looks files up, and
+        what the walk reads of each file (a head, or all of it) when it reads them."""
+        files = self._files(await self._call(call_id))
+        child = files.get(name)
+        if child is None or child.kind is None:
+            return
+        pattern = self.walks.pattern(name)
+        if phase == "lookup" and pattern is None:
+            await self._prepare(child, light=_light(child, files))
+            return
+        if pattern is None or child.gunzip:  # the decompressed view reads the whole gzip
+            pattern = Pattern(1 << 62, 0, True)
+        head = not pattern.whole and pattern.head <= HEAD_BYTES
+        version = await self._store.version(call_id, child.kind, head=head)
+        want = version.size if pattern.whole else pattern.head
+        want = min(version.size, AHEAD_FILE_BYTES, want)
+        # A tail read starts at a page boundary: a margin covers the next file's too, and
+        # one size for every file of the walk lets a second fetch find the first.
+        tail = 0 if pattern.whole or not pattern.tail else HEAD_BYTES // 4
+        if pattern.tail > tail // 2:
+            tail = HEAD_BYTES
+        await hold(want + tail)
+        await self._store.prefetch(call_id, child.kind, want, tail)
+        if child.gunzip:
+            await self._gz.size(await self._gz_source(child))
 
     def size(self, node: Node) -> int:
         """Size for attributes; remote files must have been looked up (version known)."""
@@ -425,6 +419,24 @@ class Tree:
             return node.content[offset : offset + size]
         if node.kind is None or node.call_id is None:
             raise NotFound(node.name)
+        call_id, name = node.call_id, node.name
+        if stream is not None and stream.next_offset < 0:  # the first read of this open
+            self.walks.step(
+                f"read:{name}",
+                call_id,
+                lambda: self._walk_orders(call_id),
+                lambda ahead, hold: self._file_ahead("read", name, ahead, hold),
+                ahead=FILES_AHEAD,
+                name=name,
+            )
+            stream.head_first = not node.gunzip and self.walks.reads_heads(name, call_id)
+        data = await self._read(node, offset, size, stream)
+        end = offset + len(data)
+        self.walks.read(name, call_id, offset, end, max(end, self.size(node)))
+        return data
+
+    async def _read(self, node: Node, offset: int, size: int, stream: Stream | None) -> bytes:
+        assert node.kind is not None and node.call_id is not None
         if node.gunzip:
             # Several reads of the .gz may serve one read of its view: one bound for all.
             timeout = self._store.read_timeout

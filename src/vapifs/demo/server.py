@@ -292,6 +292,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if owner._halt.wait(knobs.stall_seconds):
                     self._drop()
                     return
+            owner._count(f"storage.bytes:{call_id}/{kind}", len(view))
         self._write(view, storage)
 
     def _write(self, view: memoryview, storage: bool) -> None:

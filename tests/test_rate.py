@@ -69,7 +69,9 @@ async def test_a_429_storm_never_reaches_the_caller(autojump_clock: trio.abc.Clo
 
     governor = Governor(5.0)
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        api = VapiClient(client, API, "k", policy=RetryPolicy(attempts=3), governor=governor)
+        api = VapiClient(
+            client, API, "sk-rate-test-6c1d0f", policy=RetryPolicy(attempts=3), governor=governor
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(api.list_calls)
             for kind in ("stereo", "mono", "logs"):
@@ -83,6 +85,6 @@ async def test_without_a_governor_429_uses_up_attempts(autojump_clock: trio.abc.
         return httpx.Response(429, json={"message": "slow"})
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        api = VapiClient(client, API, "k", policy=RetryPolicy(attempts=3))
+        api = VapiClient(client, API, "sk-rate-test-6c1d0f", policy=RetryPolicy(attempts=3))
         with pytest.raises(Exception, match="gave up after 3 tries"):
             await api.resolve("c", "stereo")

@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+import many
 from delayline import parse_duration
 from vapifs.demo.certs import ThrowawayCA
 from vapifs.tls import client_context
@@ -877,6 +878,7 @@ class Bench:
         out_dir.mkdir(exist_ok=True)
         suffix = "" if self.rtt is None else f"-rtt{self.rtt * 1000:.0f}ms"
         suffix += "-tls" if self.certs else ""
+        suffix += "-many" if self.args.many else ""
         path = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{suffix}.json"
         payload = {
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -903,6 +905,18 @@ class Bench:
             self.certs.close()
 
 
+def add_many_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--many",
+        action="store_true",
+        help="instead: programs that go through every call (zgrep, soxi, ls -l calls/*/) "
+        "against a rate-limited API, beside the shell way and rclone",
+    )
+    parser.add_argument(
+        "--api-limit", type=float, default=20.0, help="--many: the fake API's requests/s"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     parser.add_argument("--rtt", type=parse_duration, default=None, help="e.g. 40ms")
@@ -913,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--big-mib", type=int, default=200)
     parser.add_argument("--huge-mib", type=int, default=1024)
-    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--calls", type=int, default=None, help="(default: 1000; 200 with --many)")
     parser.add_argument("--random-reads", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3, help="runs of the cheap measures")
     parser.add_argument("--seed", type=int, default=1)
@@ -932,7 +946,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rclone-opt", action="append", default=[], help="extra rclone mount option"
     )
+    add_many_options(parser)
     args = parser.parse_args(argv)
+    if args.many and args.calls is None:
+        args.calls = 200
+    args.calls = 1000 if args.calls is None else args.calls
 
     def on_signal(signum: int, frame: Any) -> None:
         # Once: a second Ctrl-C must not cut the clean-up (unmounting) short.
@@ -945,8 +963,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     try:
         bench.prepare()
-        bench.measure()
-        table = bench.report()
+        if args.many:
+            bench.results["many"] = many.measure(bench)
+            table = many.report(bench, bench.results["many"])
+        else:
+            bench.measure()
+            table = bench.report()
         path = bench.save(table)
         print(table, flush=True)
         log(f"results in {path.relative_to(REPO)}; {time.monotonic() - bench.started:.0f}s")

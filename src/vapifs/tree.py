@@ -337,7 +337,8 @@ class Tree:
 
     def _walk_orders(self, call_id: str) -> list[Order]:
         """The orders a walk over `call_id` may follow: calls/, its day, its assistant,
-        each as listed (newest first) and as a shell's glob sorts names."""
+        each as listed (newest first) and as a shell's glob sorts names, and both reversed
+        (bash looks `calls/*/FILE` up in the reverse of the directory's order)."""
         lists: list[tuple[str, list[str]]] = [("calls", self._window_ids)]
         created = self._window_created.get(call_id)
         if created is not None:
@@ -348,10 +349,13 @@ class Tree:
             lists.append((f"assistant/{assistant}", self._groups["assistant"].get(assistant, [])))
         orders = []
         for name, ids in lists:
-            for how in ("listed", "sorted"):
+            for how in ("listed", "sorted", "listed-reversed", "sorted-reversed"):
                 order = self._orders.get((name, how))
                 if order is None or order.source is not ids:
-                    order = Order(ids, sorted(ids) if how == "sorted" else list(ids))
+                    walked = sorted(ids) if how.startswith("sorted") else list(ids)
+                    if how.endswith("reversed"):
+                        walked.reverse()
+                    order = Order(ids, walked)
                     self._orders[(name, how)] = order
                 orders.append(order)
         return orders

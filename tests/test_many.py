@@ -212,3 +212,27 @@ def test_a_walk_that_stops_has_its_read_ahead_cancelled_within_seconds(
         time.sleep(3.0)
         assert fake.counters()["storage.requests"] == requests  # nothing retried after it
         fake.set_knobs(stall_rate=0.0)
+
+
+def test_a_shell_glob_over_every_calls_log_is_walked_ahead(
+    mount_factory: MountFactory, tmp_path: Path
+) -> None:
+    with FakeVapi(generate_calls(count=48, seed=3)) as fake:
+        m = mount_factory(server=fake, cache_dir=tmp_path / "c", name="glob")
+        os.listdir(m.calls)
+        fake.reset_counters()
+        zgrep = subprocess.run(
+            ["bash", "-c", f"zgrep -c INFO {m.calls}/*/call-logs.jsonl.gz"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert zgrep.returncode == 0, zgrep.stderr
+        logs = [i for i in os.listdir(m.calls) if "logs" in fake.calls[i].artifacts]
+        assert len(zgrep.stdout.splitlines()) == len(logs)
+        walks = live_stats(m)["walks"]
+        # bash looks the files up in the reverse of the listing's order, then zgrep reads
+        # them in a glob's: both are walks, and most logs were fetched ahead of them.
+        assert walks["walks"] >= 1
+        assert walks["ahead_started"] >= len(logs) // 2
+        assert all(fake.counters()[f"storage.get:{i}/logs"] == 1 for i in logs)

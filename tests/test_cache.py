@@ -1092,3 +1092,25 @@ def test_reopening_under_a_read_leaves_no_descriptor_open(
     assert len(os.listdir("/proc/self/fd")) == before
     assert c.get(CALL, KIND, V1, 1) == payload(V1, 1)
     assert len(os.listdir("/proc/self/fd")) == before + 1  # the file, open again for reuse
+
+
+def test_a_file_that_cannot_be_opened_now_is_a_miss_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    c = make(tmp_path)
+    assert c.put(CALL, KIND, V1, 0, payload(V1, 0))
+    d = fresh(c)  # its file is not open yet
+    real = os.open
+
+    def emfile(path: Any, *a: Any, **k: Any) -> int:
+        if str(path).endswith(".vblk"):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", emfile)
+    with caplog.at_level(logging.WARNING, logger="vapifs.cache"):
+        assert d.get(CALL, KIND, V1, 0) is None
+    monkeypatch.undo()
+    assert warnings_of(caplog) == []
+    assert d.has(CALL, KIND, V1, 0)  # kept: the file is still there
+    assert d.get(CALL, KIND, V1, 0) == payload(V1, 0)

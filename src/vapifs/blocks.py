@@ -523,38 +523,46 @@ class BlockCache:
 
     def _fd(self, f: _File) -> int | None:
         """f's descriptor (f acquired by the caller); None when the file on disk is no
-        longer f (deleted or replaced by another process): f is then forgotten."""
+        longer f (deleted or replaced by another process: f is then forgotten), or cannot
+        be opened now (out of descriptors, a disk error: a miss, f is kept)."""
         try:
-            same = os.stat(f.path).st_ino == f.ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            with self._lock:
-                fd = f.fd
-            if fd >= 0:
-                return fd
             try:
-                fd = os.open(f.path, os.O_RDWR | os.O_CLOEXEC)
+                same = os.stat(f.path).st_ino == f.ino
             except FileNotFoundError:
-                fd = -1
-            except OSError:  # a read-only disk or file: reads still work
+                same = False
+            if same:
+                with self._lock:
+                    fd = f.fd
+                if fd >= 0:
+                    return fd
                 try:
-                    fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+                    fd = os.open(f.path, os.O_RDWR | os.O_CLOEXEC)
                 except FileNotFoundError:
                     fd = -1
-            if fd >= 0:
-                if os.fstat(fd).st_ino == f.ino:
-                    with self._lock:
-                        if f.fd < 0 and f.alive:
-                            f.fd = fd
-                            self._open[(f.h, f.token)] = f
-                            self._open.move_to_end((f.h, f.token))
-                            self._close_idle_locked()
-                            return fd
-                        current = f.fd
+                except PermissionError:  # a read-only file: reads still work
+                    fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as e:
+                    if e.errno != errno.EROFS:
+                        raise
+                    fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+                if fd >= 0:
+                    if os.fstat(fd).st_ino == f.ino:
+                        with self._lock:
+                            if f.fd < 0 and f.alive:
+                                f.fd = fd
+                                self._open[(f.h, f.token)] = f
+                                self._open.move_to_end((f.h, f.token))
+                                self._close_idle_locked()
+                                return fd
+                            current = f.fd
+                        os.close(fd)
+                        return current if current >= 0 else None
                     os.close(fd)
-                    return current if current >= 0 else None
-                os.close(fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.debug("cache: cannot open %s: %s", f.path, e)
+            return None
         with self._lock:
             self._forget_file_locked(f)
         return None

@@ -950,6 +950,17 @@ class BlockCache:
     def drop_artifact(self, call_id: str, kind: str) -> int:
         return self._drop(_artifact_hash(call_id, kind), lambda _t: True)
 
+    def drop_older_than(self, ts: float) -> int:
+        """Delete every block not written or read since `ts` (wall clock): it is older."""
+        with self._lock:
+            old = [
+                (k, e) for k, e in self._index.items() if e.atime < ts and k not in self._writing
+            ]
+            for key, entry in old:
+                if self._index.get(key) is entry:
+                    self._evict_locked(key, entry)
+        return len(old)
+
     def _drop(self, h: str, doomed: Callable[[str], bool]) -> int:
         try:
             names = os.listdir(self._store / h[:2])

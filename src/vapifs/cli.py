@@ -197,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a cached artifact against the server at most this often (default: 1d)",
     )
     m.add_argument(
+        "--max-cache-age",
+        type=parse_duration,
+        metavar="DURATION",
+        help="drop cached recordings, logs and call objects older than this, whatever the "
+        "server says (checked at start and periodically; default: kept until evicted)",
+    )
+    m.add_argument(
         "--dir-ttl",
         type=parse_duration,
         default=60.0,
@@ -607,8 +614,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from .mount import MountError, MountOptions, fuse_options, run_mount
 
     key = read_key(args.api_key_file)
-    for option in ("read_timeout", "stall_timeout"):
-        if getattr(args, option) <= 0:
+    for option in ("read_timeout", "stall_timeout", "max_cache_age"):
+        if getattr(args, option) is not None and getattr(args, option) <= 0:
             raise UsageError(f"--{option.replace('_', '-')} must be longer than 0s")
     url = api_url(args)
     if args.cache_size < (1 << 20):
@@ -637,6 +644,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         debug=args.debug,
         log_file=args.log_file.expanduser().absolute() if args.log_file else None,
         revalidate=args.revalidate,
+        max_cache_age=args.max_cache_age,
         dir_ttl=args.dir_ttl,
         window_days=window / 86400.0 if window is not None else 14.0,
         since=since,

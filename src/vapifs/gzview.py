@@ -154,6 +154,14 @@ class GzipViews:
         self.on_size_change = on_size_change
         self.inflated_bytes = 0  # output produced, for tests and stats
 
+    def forget(self, prefix: str) -> None:
+        """Drop from memory the views and sizes of sources whose key starts with `prefix`."""
+        for cache in (self._views, self._known):
+            for key in [k for k in cache if k.startswith(prefix)]:
+                cache.pop(key, None)
+        for chunk in [c for c in self._chunks if c[0].startswith(prefix)]:
+            self._chunks.pop(chunk, None)
+
     def _view(self, source: Source) -> _View:
         view = self._views.get(source.key)
         if view is None or view.source.size != source.size:

@@ -47,6 +47,8 @@ log = logging.getLogger("vapifs")
 
 # How often the mount checks that it is still mounted (seconds).
 UNMOUNT_POLL = 0.5
+# --max-cache-age is applied at least this often (seconds).
+EXPIRE_EVERY = 600.0
 # Between answering every request EIO and leaving the FUSE loop (seconds).
 STOP_GRACE = 0.3
 # At exit, blocks already fetched get this long to reach the disk (seconds).
@@ -69,6 +71,7 @@ class MountOptions:
     debug: bool = False
     log_file: Path | None = None
     revalidate: float = DEFAULT_REVALIDATE
+    max_cache_age: float | None = None  # cached data older than this is dropped (seconds)
     dir_ttl: float = 60.0
     window_days: float = 14.0
     since: float | None = None  # a fixed start of the window (else window_days back)
@@ -256,6 +259,9 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                 deadline=opts.read_timeout + 2.0,
             )
             tree.on_invalidate = _invalidator(nursery)
+            tree.on_forget = _forgetter
+            if opts.max_cache_age is not None:
+                nursery.start_soon(_expire, tree, opts.max_cache_age)
             sources = Sources(
                 api=api,
                 resolver=core.resolver,
@@ -378,6 +384,26 @@ def _invalidator(nursery: trio.Nursery) -> Callable[[int], None]:
         nursery.start_soon(run)
 
     return invalidate
+
+
+def _forgetter(parent: int, name: str) -> None:
+    """Make the kernel forget a name (a call or a file gone from the server)."""
+    with contextlib.suppress(OSError):
+        pyfuse3.invalidate_entry_async(
+            parent, name.encode("utf-8", "surrogateescape"), ignore_enoent=True
+        )
+
+
+async def _expire(tree: Tree, max_age: float) -> None:
+    """--max-cache-age: at start, then every so often, drop what is older than max_age."""
+    while True:
+        try:
+            dropped = await tree.drop_older_than(time.time() - max_age)
+            if dropped:
+                log.info("cache: dropped %d artifacts older than %gs", dropped, max_age)
+        except Exception:  # background work must never take the mount down
+            log.exception("cache: cannot drop old data")
+        await trio.sleep(max(1.0, min(max_age / 4, EXPIRE_EVERY)))
 
 
 def _check_writable(opts: MountOptions) -> None:

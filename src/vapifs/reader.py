@@ -13,7 +13,14 @@ from cachetools import LRUCache
 
 from .blocks import BlockCache
 from .defaults import DEFAULT_REVALIDATE
-from .errors import KeyRejected, NetworkError, ProtocolError, VapifsError, VersionChanged
+from .errors import (
+    KeyRejected,
+    NetworkError,
+    NotFound,
+    ProtocolError,
+    VapifsError,
+    VersionChanged,
+)
 from .fetch import Fetcher
 from .meta import MetaStore
 from .version import Version
@@ -89,6 +96,7 @@ class _Pending:
 class _Artifact:
     version: Version | None = None
     checked_at: float = 0.0
+    stored_at: float = 0.0  # when this version was first fetched (the age of its bytes)
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
@@ -149,6 +157,8 @@ class ArtifactStore:
         ](32)
         self.stats = ReaderStats()
         self.on_version_change: Callable[[str, str], None] | None = None
+        # An artifact known before answered 404 (past the org's retention): it was dropped.
+        self.on_gone: Callable[[str, str], None] | None = None
         for _ in range(WRITERS):
             nursery.start_soon(self._writer)
 
@@ -183,6 +193,14 @@ class ArtifactStore:
                 self._check_gave_up(call_id, kind)
             try:
                 await self._discover(call_id, kind, state, light, head)
+            except NotFound:
+                if state.version is not None:
+                    # It was there and is no more: past retention. Nothing of it stays here.
+                    log.warning("%s/%s is gone from the server; dropping it", call_id, kind)
+                    await self.forget(call_id, kind)
+                    if self.on_gone is not None:
+                        self.on_gone(call_id, kind)
+                raise
             except NetworkError as exc:
                 if state.version is None:
                     raise
@@ -216,8 +234,53 @@ class ArtifactStore:
         try:
             state.version = Version.from_json(doc["version"])
             state.checked_at = float(doc["checked_at"])
-        except (KeyError, TypeError, ValueError):
+            state.stored_at = float(doc.get("stored_at", state.checked_at))
+        except (KeyError, TypeError, ValueError, AttributeError):
             state.version = None
+
+    async def forget(self, call_id: str, kind: str, *, keep_version: bool = False) -> None:
+        """Drop everything kept of an artifact: its blocks (memory and disk) and its stored
+        version; the version in memory too, unless `keep_version` (the file is still shown,
+        with its size, and fetched again when read)."""
+        state = self._artifacts.get((call_id, kind))
+        if not keep_version:
+            self._artifacts.pop((call_id, kind), None)
+        elif state is not None:
+            state.stored_at = self._now()  # what is fetched from now on is new
+        self._gave_up.pop((call_id, kind), None)
+        for key in [k for k in self._memory if k[0] == call_id and k[1] == kind]:
+            self._memory.pop(key, None)
+
+        def drop() -> None:
+            self.cache.drop_artifact(call_id, kind)
+            self.meta.delete("artifact", f"{call_id}/{kind}")
+
+        await trio.to_thread.run_sync(drop)
+
+    async def drop_older_than(self, ts: float) -> list[tuple[str, str]]:
+        """Drop every artifact whose bytes were first fetched before `ts` (wall clock), and
+        any block file untouched since; returns the artifacts dropped."""
+
+        def old_docs() -> list[tuple[str, str]]:
+            found = []
+            for key, doc in self.meta.items("artifact"):
+                call_id, _, kind = key.partition("/")
+                state = _Artifact()
+                self._take_doc(state, doc)
+                if state.version is None or state.stored_at < ts:
+                    found.append((call_id, kind))
+            return found
+
+        doomed = set(await trio.to_thread.run_sync(old_docs))
+        doomed.update(
+            key for key, state in self._artifacts.items() if state.version and state.stored_at < ts
+        )
+        for call_id, kind in sorted(doomed):
+            await self.forget(call_id, kind, keep_version=True)
+            if self.on_version_change is not None:
+                self.on_version_change(call_id, kind)  # pages the kernel keeps go too
+        await trio.to_thread.run_sync(self.cache.drop_older_than, ts)
+        return sorted(doomed)
 
     def _fresh(self, state: _Artifact) -> bool:
         return 0 <= self._now() - state.checked_at < self.revalidate_after
@@ -255,13 +318,19 @@ class ArtifactStore:
         old = state.version
         state.version = new
         state.checked_at = self._now()
+        if old != new or not state.stored_at:
+            state.stored_at = state.checked_at
         if old is not None and old != new:
             log.warning("%s/%s changed on the server; dropping its cached blocks", call_id, kind)
             for key in [k for k in self._memory if k[0] == call_id and k[1] == kind]:
                 self._memory.pop(key, None)
             if self.on_version_change is not None:
                 self.on_version_change(call_id, kind)
-        doc = {"version": new.to_json(), "checked_at": state.checked_at}
+        doc = {
+            "version": new.to_json(),
+            "checked_at": state.checked_at,
+            "stored_at": state.stored_at,
+        }
 
         def store() -> None:  # one trip to a worker thread for both
             self.cache.drop_other_versions(call_id, kind, new)

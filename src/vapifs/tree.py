@@ -73,6 +73,7 @@ class _Call:
     files: dict[str, Node] = field(default_factory=dict)
     built: bool = False  # files are built on first use: a listing of 10,000 calls needs none
     previous: dict[str, Node] = field(default_factory=dict)  # nodes to reuse when building
+    recheck: bool = False  # ask the API again at the next use (an artifact of it went away)
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,10 @@ class Tree:
         self._offline = False  # calls/ shows the call objects on disk, the API unreachable
         self._table_of: list[str] | None = None  # the window the tables were made of
         self._table_lock = trio.Lock()
+        self._gone: set[tuple[str, str]] = set()  # artifacts past retention: not shown
+        store.on_gone = self._artifact_gone
+        # Drops a name from the kernel's cache: (directory inode, name).
+        self.on_forget: Callable[[int, str], None] | None = None
 
     # -- nodes ---------------------------------------------------------------------------
 
@@ -546,6 +551,106 @@ class Tree:
                 child.stale_pages = True
                 self.on_invalidate(child.inode)
 
+    # -- retention -----------------------------------------------------------------------
+
+    def _forget_node(self, parent: int, node: Node) -> None:
+        """Make the kernel forget a name and the pages it keeps of it; the node is gone
+        (a kernel that still holds it gets ENOENT)."""
+        self._nodes.pop(node.inode, None)
+        node.stale_pages = True
+        if self.on_invalidate is not None:
+            self.on_invalidate(node.inode)
+        if self.on_forget is not None:
+            self.on_forget(parent, node.name)
+
+    def _artifact_gone(self, call_id: str, kind: str) -> None:
+        """An artifact answered 404 after it had been seen (the store dropped its blocks):
+        its files leave the call directory, and the call itself is asked for again."""
+        self._gone.add((call_id, kind))
+        entry = self._calls.get(call_id)
+        if entry is not None:
+            for name, child in list(entry.files.items()):
+                if child.kind == kind:
+                    del entry.files[name]
+                    self._forget_node(entry.node.inode, child)
+            entry.recheck = True
+        self._gz.forget(f"{call_id}/{kind}@")
+        if self._nursery is not None:
+            self._nursery.start_soon(self._after_gone, call_id, kind)
+
+    async def _after_gone(self, call_id: str, kind: str) -> None:
+        try:
+            await trio.to_thread.run_sync(self._delete_gz_docs, f"{call_id}/{kind}@")
+            await self._call(call_id)  # a call past retention answers 404: all of it goes
+        except VapifsError as exc:
+            log.debug("%s: after %s went away: %s", call_id, kind, exc)
+        except Exception:  # background work must never take the mount down
+            log.exception("%s: after %s went away", call_id, kind)
+
+    def _delete_gz_docs(self, prefix: str) -> None:
+        for key, _ in self._meta.items("gzsize"):
+            if key.startswith(prefix):
+                self._meta.delete("gzsize", key)
+
+    async def _forget_call(self, call_id: str) -> None:
+        """The call answered 404 after it had been seen (past the org's retention): drop
+        everything kept of it (blocks, call object, versions, sizes, its place in the
+        listing) and its names from the kernel's cache."""
+        log.warning("%s is gone from the server; dropping everything cached of it", call_id)
+        entry = self._calls.pop(call_id, None)
+        for kind in dict.fromkeys(kind for kind, _stem, _ext in C.ARTIFACTS):
+            await self._store.forget(call_id, kind)
+        self._gz.forget(f"{call_id}/")
+
+        def forget_docs() -> None:
+            self._meta.delete("call", call_id)
+            self._delete_gz_docs(f"{call_id}/")
+
+        await trio.to_thread.run_sync(forget_docs)
+        if entry is not None:
+            for child in entry.files.values():
+                self._forget_node(entry.node.inode, child)
+        directory = self._dir_nodes.pop(call_id, None)
+        if directory is not None:
+            self._forget_node(CALLS_INODE, directory)
+        if call_id in self._window_created:
+            created = self._window_created.pop(call_id)
+            assistant = self._window_assistant.pop(call_id, None)
+            for view, key in (("date", _day(created, self.timezone)), ("assistant", assistant)):
+                group = self._group_nodes.get((view, key or ""))
+                link = self._links.pop((group.inode, call_id), None) if group else None
+                if group is not None and link is not None:
+                    self._forget_node(group.inode, link)
+            self._window_ids = [i for i in self._window_ids if i != call_id]
+            await self._regroup()
+            if self._listed_from is not None:
+                self._listings_made += 1
+                await self._save_window([], self._listing_doc(), self._listings_made)
+
+    async def drop_older_than(self, ts: float) -> int:
+        """--max-cache-age: drop every cached thing older than `ts` (wall clock), whatever
+        the server says; returns how many artifacts were dropped."""
+        dropped = await self._store.drop_older_than(ts)
+        for call_id, kind in dropped:
+            self._gz.forget(f"{call_id}/{kind}@")
+        prefixes = tuple(f"{call_id}/{kind}@" for call_id, kind in dropped)
+
+        def docs() -> None:
+            for call_id, doc in self._meta.items("call"):
+                fetched_at = doc.get("fetched_at")
+                if not isinstance(fetched_at, (int, float)) or fetched_at < ts:
+                    self._meta.delete("call", call_id)
+            for key, _ in self._meta.items("gzsize"):
+                if key.startswith(prefixes):
+                    self._meta.delete("gzsize", key)
+            listing = self._meta.get("listing", "calls")
+            listed_at = listing.get("listed_at") if listing else None
+            if listing is not None and (not isinstance(listed_at, (int, float)) or listed_at < ts):
+                self._meta.delete("listing", "calls")
+
+        await trio.to_thread.run_sync(docs)
+        return len(dropped)
+
     # -- calls ---------------------------------------------------------------------------
 
     async def _call(self, call_id: str) -> _Call:
@@ -570,6 +675,8 @@ class Tree:
                 call = await self._api.get_call(call_id)
             except NotFound:
                 self._missing[call_id] = self._now()
+                if entry is not None:  # it was there: past the org's retention
+                    await self._forget_call(call_id)
                 raise
             except NetworkError:
                 if entry is not None:
@@ -593,30 +700,32 @@ class Tree:
         kinds = set(C.artifact_files(call).values())
         return doc, self._store.stored_versions(call_id, kinds)
 
-    def _recheck_after(self, call: dict[str, Any]) -> float | None:
-        """How long a stored call object is trusted, or None for as long as the mount runs.
+    def _recheck_after(self, call: dict[str, Any]) -> float:
+        """How long a stored call object is trusted before the API is asked again.
 
         A call still going on is read again after the dir TTL. Vapi attaches recordings and
         logs a little after a call ends: a call that ended within RECENT, or that names no
         artifact yet, is read again too, less and less often as its end recedes (a tenth of
         the time since it ended, from the dir TTL up to --revalidate). Other ended calls do
-        not change in practice.
+        not change in practice: they are checked once per --revalidate, as their artifacts
+        are (a call past the org's retention answers 404, and is then dropped).
         """
+        longest = max(self.dir_ttl, self._store.revalidate_after)
         if not C.is_ended(call):
             return self.dir_ttl
+        if self._settled(call):
+            return self._store.revalidate_after
         since_end = self._now() - C.modified_at(call)
-        if since_end >= RECENT and C.artifact_files(call):
-            return None
-        longest = max(self.dir_ttl, self._store.revalidate_after)
         return min(max(self.dir_ttl, since_end / BACKOFF), longest)
 
     def _stale(self, entry: _Call) -> bool:
         after = self._recheck_after(entry.call)
-        return after is not None and not 0 <= self._now() - entry.fetched_at < after
+        return entry.recheck or not 0 <= self._now() - entry.fetched_at < after
 
     def _settled(self, call: dict[str, Any]) -> bool:
         """Whether what the call object shows will not change (its files are immutable)."""
-        return self._recheck_after(call) is None
+        ended = C.is_ended(call) and self._now() - C.modified_at(call) >= RECENT
+        return ended and bool(C.artifact_files(call))
 
     def _dir_node(self, call_id: str, mtime: float) -> Node:
         """The directory of a call: one inode per call id for the life of the mount."""
@@ -675,6 +784,8 @@ class Tree:
                 "transcript.txt", content=(text.rstrip("\n") + "\n").encode()
             )
         for name, kind in C.artifact_files(call).items():
+            if (call_id, kind) in self._gone:
+                continue
             entry.files[name] = file(name, kind=kind)
             if name.endswith(".gz"):
                 plain = name[: -len(".gz")]
@@ -788,22 +899,24 @@ class Tree:
             self._window_assistant = {i: self._window_assistant.get(i) for i in self._window_ids}
             await self._regroup()
             self._listed_at = now
-            listing = {
-                "listed_at": now,
-                "from": self._listed_from,
-                "filter": self._filter(),
-                "newest": dict(self._newest),
-                "calls": [
-                    [i, self._window_created[i], self._window_assistant[i]]
-                    for i in self._window_ids
-                ],
-            }
+            listing = self._listing_doc()
             self._listings_made += 1
             if self._nursery is not None:
                 # The listing is answered now; storing 10,000 call objects can take seconds.
                 self._nursery.start_soon(self._save_window, installed, listing, self._listings_made)
             else:
                 await self._save_window(installed, listing, self._listings_made)
+
+    def _listing_doc(self) -> dict[str, Any]:
+        return {
+            "listed_at": self._listed_at,
+            "from": self._listed_from,
+            "filter": self._filter(),
+            "newest": dict(self._newest),
+            "calls": [
+                [i, self._window_created[i], self._window_assistant[i]] for i in self._window_ids
+            ],
+        }
 
     async def _save_window(
         self, installed: list[_Call], listing: dict[str, Any], number: int

@@ -23,10 +23,12 @@ _PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY")
 
 
 class ConnectProxy:
-    """A CONNECT-only forward proxy on 127.0.0.1 that counts the tunnels it opens, by target."""
+    """A forward proxy on 127.0.0.1 that counts, by target, the CONNECT tunnels it opens (for
+    https:// URLs) and the connections it forwards plain requests on (for http:// ones)."""
 
     def __init__(self) -> None:
         self.tunnels: Counter[str] = Counter()
+        self.forwarded: Counter[str] = Counter()
         self.refused = 0
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -65,8 +67,13 @@ class ConnectProxy:
         line = head.split(b"\r\n", 1)[0].decode("latin-1")
         method, _, rest = line.partition(" ")
         target = rest.partition(" ")[0]
+        tunnel = method == "CONNECT"
+        if not tunnel:
+            # An absolute-form request (GET http://host:port/path): forwarded as it is, since
+            # a server must accept that form; the client keeps one connection per origin.
+            target = target.removeprefix("http://").partition("/")[0]
         host, _, port = target.rpartition(":")
-        if method != "CONNECT" or host != "127.0.0.1" or not port.isdigit():
+        if host != "127.0.0.1" or not port.isdigit():
             with self._lock:
                 self.refused += 1
             client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
@@ -77,13 +84,14 @@ class ConnectProxy:
             client.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
             return
         with self._lock:
-            self.tunnels[target] += 1
+            (self.tunnels if tunnel else self.forwarded)[target] += 1
             self._open.update((client, upstream))
         try:
-            client.sendall(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            if tunnel:
+                client.sendall(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             client.settimeout(None)
             upstream.settimeout(None)
-            leftover = head.split(b"\r\n\r\n", 1)[1]
+            leftover = head.split(b"\r\n\r\n", 1)[1] if tunnel else head
             if leftover:
                 upstream.sendall(leftover)
             self._pump(client, upstream)
@@ -153,7 +161,25 @@ def test_every_request_goes_through_the_https_proxy(
     # Every TLS session the fake saw came through a tunnel: none went around the proxy.
     handshakes = counters["api.tls_handshakes"] + counters["storage.tls_handshakes"]
     assert handshakes == sum(connect_proxy.tunnels.values()), (counters, connect_proxy.tunnels)
-    assert connect_proxy.refused == 0
+    assert connect_proxy.refused == 0 and not connect_proxy.forwarded
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy"])
+def test_plain_http_goes_through_the_http_proxy(
+    fake: FakeVapi,
+    connect_proxy: ConnectProxy,
+    mount_factory: MountFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+) -> None:
+    monkeypatch.setenv(variable, connect_proxy.url)
+    _read_one_call(fake, mount_factory)
+    api, storage = (url.removeprefix("http://") for url in (fake.api_url, fake.storage_url))
+    assert connect_proxy.forwarded[api] >= 1 and connect_proxy.forwarded[storage] >= 1
+    assert set(connect_proxy.forwarded) == {api, storage} and not connect_proxy.tunnels
+    counters = fake.counters()
+    connections = counters["api.connections"] + counters["storage.connections"]
+    assert connections == sum(connect_proxy.forwarded.values()), counters
 
 
 @pytest.mark.parametrize("no_proxy", ["127.0.0.1", "localhost,127.0.0.1", "*"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import ssl
@@ -215,3 +216,22 @@ def test_an_untrusted_storage_certificate_is_eio_and_one_log_line(
         assert fake.counters()["storage.requests"] == 0
         assert fake.counters()["tls.failed"] <= 8
         m.stop()
+
+
+def test_prefetch_verifies_too(tls_fake: FakeVapi, tmp_path: Path) -> None:
+    assert tls_fake.ca_file is not None
+    call_id, files = next(iter(expected_files(tls_fake).items()))
+    env = dict(os.environ, VAPI_PRIVATE_API_KEY=tls_fake.api_key)
+    env.pop("SSL_CERT_FILE", None)
+    args = [*VAPIFS, "prefetch", call_id, "--api-url", tls_fake.api_url, "--json"]
+    args += ["--cache-dir", str(tmp_path / "c")]
+    refused = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the certificate of the API at 127.0.0.1:" in lines[0], lines
+    done = subprocess.run(
+        [*args, "--ca-file", tls_fake.ca_file], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    totals = json.loads(done.stdout)
+    assert tls_fake.counters()["storage.bytes"] == sum(len(d) for d in files.values()), totals

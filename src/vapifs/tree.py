@@ -366,12 +366,12 @@ class Tree:
         return orders
 
     async def _size_call(self, call_id: str, hold: Hold) -> None:
-        """Learn the attributes of a call's files ahead of a walk over directories."""
+        """Learn the attributes of a call's files ahead of a walk over directories, one after
+        the other: calls go several at a time, as many as storage takes at once."""
         files = self._files(await self._call(call_id))
-        async with trio.open_nursery() as nursery:
-            for child in files.values():
-                if child.kind is not None:
-                    nursery.start_soon(self._prepare, child, _light(child, files))
+        for child in files.values():
+            if child.kind is not None:
+                await self._prepare(child, _light(child, files))
 
     def _first_request_is_a_head(self, child: Node) -> bool:
         """Whether opening this file should fetch a head rather than its first block: when

@@ -55,8 +55,15 @@ def _needles(fake: FakeVapi, fc: FakeCall, kinds: set[str] | None = None) -> dic
 
 
 def _in_cache(cache_dir: Path, needles: dict[str, bytes]) -> list[str]:
-    blob = b"".join(p.read_bytes() for p in cache_dir.rglob("*") if p.is_file())
+    blob = b"".join(_contents(p) for p in cache_dir.rglob("*") if p.is_file())
     return sorted(what for what, needle in needles.items() if needle in blob)
+
+
+def _contents(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:  # a temporary file renamed into place since it was listed
+        return b""
 
 
 def _within(seconds: float, check: Callable[[], bool]) -> None:

@@ -762,7 +762,10 @@ class Tree:
         call = entry.call
         call_id = str(call["id"])
         modified = C.modified_at(call)
-        immutable = self._settled(call)
+        # An ended call's files keep their pages in the kernel across opens even while the
+        # call is still re-read: an artifact that changes gets a new version, and a call
+        # object that changes its call.json, and either drops those pages (on_invalidate).
+        immutable = C.is_ended(call)
         previous = entry.previous
 
         def file(name: str, **kw: Any) -> Node:

@@ -10,7 +10,6 @@ from typing import Any
 from urllib.parse import urljoin
 
 import httpx
-import trio
 
 from .errors import (
     CertificateError,
@@ -22,7 +21,7 @@ from .errors import (
 )
 from .rate import Governor
 from .redact import REDACTOR, redact_url
-from .retry import RetryPolicy, parse_retry_after
+from .retry import RETRY_STATUS, Attempts, RetryPolicy, parse_retry_after
 from .tls import untrusted
 
 log = logging.getLogger("vapifs.api")
@@ -38,7 +37,6 @@ ENDPOINTS: dict[str, str] = {
     "pcap": "pcap",
 }
 
-_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 # A connection that cannot even be opened (refused, no route, connect timeout) means the API
 # is down or we are offline, not busy: a few quick tries, then an honest error. Once known
 # down, a request tries once, so that offline reads fail at once and the first request after
@@ -110,57 +108,51 @@ class VapiClient:
         self.unreachable = True
         return was_down or attempt + 1 >= _CONNECT_ATTEMPTS
 
-    async def _send(
-        self, method: str, path: str, params: dict[str, str] | None = None
+    async def _request(
+        self, what: str, path: str, params: dict[str, str] | None = None, *, stream: bool = False
     ) -> httpx.Response:
-        """One API request with retries; returns a 2xx/3xx response (body read) or raises."""
+        """One GET with retries: a response under 400 (its body read unless `stream`, then
+        the caller closes it), or the error that the last answer amounts to."""
         url = self._base + path
-        last: str = "no attempt"
         was_down = self.unreachable
-        tries = 0
-        attempt = 0
+        attempts = Attempts(self._policy, f"GET {path}")
         throttled = 0
-        while attempt < self._policy.attempts:
-            retry_after: float | None = None
-            tries += 1
+        while True:
             await self._pace()
             try:
                 self.requests += 1
-                self.attempts["list" if path.rstrip("/") == "/call" else "get"] += 1
-                request = self._client.build_request(method, url, params=params, headers=self._auth)
-                response = await self._client.send(request, follow_redirects=False)
+                self.attempts[what] += 1
+                request = self._client.build_request("GET", url, params=params, headers=self._auth)
+                response = await self._client.send(request, follow_redirects=False, stream=stream)
             except httpx.TransportError as exc:
                 self.failures += 1
                 if reason := untrusted(exc, url, "the API at"):
                     raise CertificateError(reason) from None
-                last = f"{type(exc).__name__}"
-                if self._stop_retrying(exc, attempt, was_down):
-                    break
-            else:
-                self.unreachable = False
-                status = response.status_code
-                if status < 400:
-                    return response
-                self.failures += 1
-                if status == 401:
-                    raise KeyRejected(f"the API key was refused: {_error_message(response)}")
-                if status == 404:
-                    raise NotFound(_error_message(response))
-                if status not in _RETRY_STATUS:
-                    raise ProtocolError(
-                        f"{method} {path}: HTTP {status}: {_error_message(response)}"
-                    )
-                last = f"HTTP {status}"
-                retry_after = parse_retry_after(response.headers.get("retry-after"))
-                if status == 429 and self._slow_down(retry_after, throttled):
-                    throttled += 1
-                    continue
-            attempt += 1
-            if attempt < self._policy.attempts:
-                delay = self._policy.delay(attempt - 1, retry_after)
-                log.debug("api: %s %s failed (%s); retrying in %.2fs", method, path, last, delay)
-                await trio.sleep(delay)
-        raise NetworkError(f"{method} {path}: gave up after {_tries(tries)} ({last})")
+                if self._stop_retrying(exc, attempts.failures, was_down):
+                    raise attempts.stop(type(exc).__name__) from None
+                await attempts.failed(type(exc).__name__)
+                continue
+            self.unreachable = False
+            status = response.status_code
+            if status < 400:
+                return response
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            self.failures += 1
+            if status == 401:
+                raise KeyRejected(f"the API key was refused: {_error_message(response)}")
+            if status == 404:
+                raise NotFound(_error_message(response))
+            if status not in RETRY_STATUS:
+                raise ProtocolError(f"GET {path}: HTTP {status}: {_error_message(response)}")
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            if status == 429 and self._slow_down(retry_after, throttled):
+                throttled += 1
+                attempts.again()
+                continue
+            await attempts.failed(f"HTTP {status}", retry_after)
 
     async def _pace(self) -> None:
         if self.governor is not None:
@@ -176,15 +168,16 @@ class VapiClient:
 
     async def _json(self, path: str, params: dict[str, str] | None = None) -> Any:
         """GET a JSON document; malformed JSON is retried like a server error."""
-        for attempt in range(self._policy.attempts):
-            response = await self._send("GET", path, params)
+        attempts = Attempts(self._policy, f"GET {path}")
+        while True:
+            response = await self._request("list" if path == "/call" else "get", path, params)
             try:
                 return response.json()
             except (ValueError, UnicodeDecodeError):
-                if attempt + 1 == self._policy.attempts:
-                    break
-                await trio.sleep(self._policy.delay(attempt))
-        raise ProtocolError(f"GET {path}: the API answered malformed JSON")
+                try:
+                    await attempts.failed("malformed JSON")
+                except NetworkError:
+                    raise ProtocolError(f"GET {path}: the API answered malformed JSON") from None
 
     async def check_key(self) -> None:
         """One cheap request that proves the key works (raises KeyRejected on 401)."""
@@ -212,65 +205,25 @@ class VapiClient:
     async def resolve(self, call_id: str, kind: str) -> Resolution:
         """Ask where an artifact lives: a 302 gives a signed URL, a 200 serves it directly."""
         path = f"/call/{call_id}/{ENDPOINTS[kind]}"
-        url = self._base + path
-        last = "no attempt"
-        was_down = self.unreachable
-        tries = 0
-        attempt = 0
-        throttled = 0
-        while attempt < self._policy.attempts:
-            retry_after: float | None = None
-            tries += 1
-            again = False
-            await self._pace()
-            try:
-                self.requests += 1
-                self.attempts["resolve"] += 1
-                request = self._client.build_request("GET", url, headers=self._auth)
-                response = await self._client.send(request, follow_redirects=False, stream=True)
-            except httpx.TransportError as exc:
-                self.failures += 1
-                if reason := untrusted(exc, url, "the API at"):
-                    raise CertificateError(reason) from None
-                last = type(exc).__name__
-                if self._stop_retrying(exc, attempt, was_down):
-                    break
-            else:
-                self.unreachable = False
-                try:
-                    status = response.status_code
-                    if status in (301, 302, 303, 307, 308):
-                        location = response.headers.get("location")
-                        if not location:
-                            raise ProtocolError(f"{path}: redirect without a Location")
-                        return Resolution(urljoin(url, location))
-                    if 200 <= status < 300:
-                        # The body itself: fetch it from the API by range, with the key.
-                        return Resolution(url, dict(self._auth), direct=True)
-                    self.failures += 1
-                    await response.aread()
-                    if status == 401:
-                        raise KeyRejected(f"the API key was refused: {_error_message(response)}")
-                    if status == 404:
-                        raise NotFound(f"{call_id}/{kind}: {_error_message(response)}")
-                    if status not in _RETRY_STATUS:
-                        raise ProtocolError(f"{path}: HTTP {status}: {_error_message(response)}")
-                    last = f"HTTP {status}"
-                    retry_after = parse_retry_after(response.headers.get("retry-after"))
-                    again = status == 429 and self._slow_down(retry_after, throttled)
-                finally:
-                    await response.aclose()
-            if again:
-                throttled += 1
-                continue
-            attempt += 1
-            if attempt < self._policy.attempts:
-                await trio.sleep(self._policy.delay(attempt - 1, retry_after))
-        raise NetworkError(f"{path}: gave up after {_tries(tries)} ({last})")
-
-
-def _tries(n: int) -> str:
-    return "1 try" if n == 1 else f"{n} tries"
+        try:
+            # Streamed: a body served directly is fetched later, by range, not here.
+            response = await self._request("resolve", path, stream=True)
+        except NotFound as exc:
+            raise NotFound(f"{call_id}/{kind}: {exc}") from None
+        try:
+            status = response.status_code
+            if status in (301, 302, 303, 307, 308):
+                location = response.headers.get("location")
+                if not location:
+                    raise ProtocolError(f"{path}: redirect without a Location")
+                return Resolution(urljoin(self._base + path, location))
+            if 200 <= status < 300:
+                # The body itself: fetch it from the API by range, with the key.
+                return Resolution(self._base + path, dict(self._auth), direct=True)
+            self.failures += 1
+            raise ProtocolError(f"GET {path}: unexpected HTTP {status}")
+        finally:
+            await response.aclose()
 
 
 def describe(exc: BaseException) -> str:

@@ -14,7 +14,7 @@ from .api import Resolution
 from .defaults import DEFAULT_STORAGE_CONNECTIONS
 from .errors import CertificateError, KeyRejected, NetworkError, VersionChanged
 from .resolver import Resolver
-from .retry import RetryPolicy, parse_retry_after
+from .retry import RETRY_STATUS, Attempts, RetryPolicy, parse_retry_after
 from .tls import untrusted
 from .version import Version
 
@@ -24,7 +24,6 @@ _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECA
 _UNSATISFIED = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
 # Storage answers that mean "this signed URL is no good any more: ask the API for another".
 _REFUSED = {400, 401, 403, 404, 410}
-_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 Sink = Callable[[int, bytes], Awaitable[None]]  # (block index, block)
 _PieceSink = Callable[[int, bytes], Awaitable[None]]  # (offset, piece)
@@ -198,9 +197,8 @@ class Fetcher:
         # one resumes at the first undelivered piece and must match that version.
         if state.version is not None:
             state.end = min(state.end, state.version.size)
-        failures = 0
+        attempts = Attempts(self._policy, f"{call_id}/{kind}: storage")
         refusals = 0
-        last = "no attempt"
         while state.version is None or state.pos < state.end:
             resolution = await self._resolver.get(call_id, kind)
             start_pos = state.pos
@@ -211,26 +209,17 @@ class Fetcher:
                 self.failures += 1
                 self._resolver.invalidate(call_id, kind, resolution)
                 refusals += 1
-                last = str(exc)
                 if refusals > self._max_refusals:
                     raise NetworkError(
-                        f"{call_id}/{kind}: storage kept refusing fresh signed URLs ({last})"
+                        f"{call_id}/{kind}: storage kept refusing fresh signed URLs ({exc})"
                     ) from None
-                log.debug("fetch: %s/%s: %s; resolving again", call_id, kind, last)
+                log.debug("fetch: %s/%s: %s; resolving again", call_id, kind, exc)
                 continue
             except _Retry as exc:
                 self.failures += 1
                 if state.pos > start_pos:
-                    failures = 0
-                failures += 1
-                last = str(exc)
-                if failures >= self._policy.attempts:
-                    raise NetworkError(
-                        f"{call_id}/{kind}: storage gave up after {failures} tries ({last})"
-                    ) from None
-                delay = self._policy.delay(failures - 1, exc.retry_after)
-                log.debug("fetch: %s/%s: %s; retrying in %.2fs", call_id, kind, last, delay)
-                await trio.sleep(delay)
+                    attempts.progressed()
+                await attempts.failed(str(exc), exc.retry_after)
                 continue
             if state.version is not None and state.version.size == 0:
                 break
@@ -263,7 +252,7 @@ class Fetcher:
                 if resolution.direct and status == 401:
                     raise KeyRejected("the API key was refused")
                 raise _Refused(f"storage answered HTTP {status}")
-            if status in _RETRY_STATUS:
+            if status in RETRY_STATUS:
                 raise _Retry(
                     f"storage answered HTTP {status}",
                     parse_retry_after(response.headers.get("retry-after")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -69,6 +70,15 @@ class Mount:
         force_unmount(self.mountpoint)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_us() -> None:
+    """In a mount's child process: SIGTERM (a clean unmount) should pytest itself be killed,
+    so that no mount outlives the run that made it."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def force_unmount(mountpoint: Path) -> None:
     for _ in range(50):
         if not os.path.ismount(mountpoint):
@@ -126,7 +136,9 @@ def mount_factory(tmp_path: Path, fake: FakeVapi) -> Iterator[MountFactory]:
             *extra,
         ]
         stderr = open(tmp_path / f"{name}-{len(mounts)}.stderr", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            args, env=env, stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_die_with_us
+        )
         stderr.close()
         mount = Mount(mountpoint, cache_dir, log_file, proc, args)
         mounts.append(mount)

@@ -723,7 +723,7 @@ class Tree:
         return entry.recheck or not 0 <= self._now() - entry.fetched_at < after
 
     def _settled(self, call: dict[str, Any]) -> bool:
-        """Whether what the call object shows will not change (its files are immutable)."""
+        """Whether the call object will not change any more: ended a while ago, artifacts named."""
         ended = C.is_ended(call) and self._now() - C.modified_at(call) >= RECENT
         return ended and bool(C.artifact_files(call))
 

@@ -225,16 +225,8 @@ class Tree:
             child = self._files(entry).get(name)
             if child is None:
                 raise NotFound(name)
-            call_id = node.call_id
             if child.kind is not None:
-                self.walks.step(
-                    f"lookup:{name}",
-                    call_id,
-                    lambda: self._walk_orders(call_id),
-                    lambda ahead, hold: self._file_ahead("lookup", name, ahead, hold),
-                    ahead=FILES_AHEAD,
-                    name=name,
-                )
+                self._walk_step("lookup", name, node.call_id)
             await self._prepare(child, head=self._first_request_is_a_head(child))
             return child
         raise NotFound(name)
@@ -340,6 +332,17 @@ class Tree:
                     nursery.start_soon(probe, child)
         return [c for c in files.values() if usable.get(c.name)]
 
+    def _walk_step(self, how: str, name: str, call_id: str) -> None:
+        """Tell the walks that a lookup or a file's first read reached `name` in this call."""
+        self.walks.step(
+            f"{how}:{name}",
+            call_id,
+            lambda: self._walk_orders(call_id),
+            lambda ahead, hold: self._file_ahead(how, name, ahead, hold),
+            ahead=FILES_AHEAD,
+            name=name,
+        )
+
     def _walk_orders(self, call_id: str) -> list[Order]:
         """The orders a walk over `call_id` may follow: calls/, its day, its assistant,
         each as listed (newest first) and as a shell's glob sorts names, and both reversed
@@ -430,14 +433,7 @@ class Tree:
             raise NotFound(node.name)
         call_id, name = node.call_id, node.name
         if stream is not None and stream.next_offset < 0:  # the first read of this open
-            self.walks.step(
-                f"read:{name}",
-                call_id,
-                lambda: self._walk_orders(call_id),
-                lambda ahead, hold: self._file_ahead("read", name, ahead, hold),
-                ahead=FILES_AHEAD,
-                name=name,
-            )
+            self._walk_step("read", name, call_id)
             stream.head_first = not node.gunzip and self.walks.reads_heads(name, call_id)
         data = await self._read(node, offset, size, stream)
         end = offset + len(data)

@@ -17,8 +17,10 @@ import pytest
 import trio
 import trio.testing
 
+from vapifs.api import VapiClient
 from vapifs.calls import artifact_files
-from vapifs.core import Core, api_client, http_client, open_core
+from vapifs.core import Core, opened_core
+from vapifs.defaults import DEFAULT_API_RATE, DEFAULT_STORAGE_CONNECTIONS
 from vapifs.demo.data import extra_call
 from vapifs.demo.server import FakeVapi
 from vapifs.errors import NotFound
@@ -61,6 +63,21 @@ def fake() -> Any:
         yield server
 
 
+@dataclass
+class CoreSettings:
+    """The options opening the core reads, as a command's options give them."""
+
+    api_url: str
+    cache_dir: Path
+    cache_size: int = 1 << 30
+    # Bounds far beyond the virtual sleeps of these tests: a jump must never reach them.
+    read_timeout: float = READ_TIMEOUT
+    stall_timeout: float = READ_TIMEOUT
+    api_rate: float = DEFAULT_API_RATE
+    storage_connections: int = DEFAULT_STORAGE_CONNECTIONS
+    ca_file: Path | None = None
+
+
 @asynccontextmanager
 async def layer(fake: FakeVapi, cache_dir: Path, **tree_options: Any) -> AsyncIterator[Layer]:
     started = time.time()
@@ -68,35 +85,25 @@ async def layer(fake: FakeVapi, cache_dir: Path, **tree_options: Any) -> AsyncIt
     def wall() -> float:  # the wall clock, moving with trio's (virtual) clock
         return started + trio.current_time()
 
-    # Bounds far beyond the virtual sleeps of these tests: a jump must never reach them.
-    client = http_client(
-        read_timeout=READ_TIMEOUT, stall_timeout=READ_TIMEOUT, transport=InProcessTransport(fake)
-    )
-    async with client, trio.open_nursery() as nursery:
-        api = api_client(client, fake.api_url, fake.api_key)
-        core = await open_core(
-            nursery,
-            client,
-            api,
-            cache_dir,
-            1 << 30,
-            None,
-            revalidate_after=tree_options.pop("revalidate_after", 86400.0),
-            read_timeout=READ_TIMEOUT,
-            wall_clock=wall,
-        )
+    async with opened_core(
+        CoreSettings(fake.api_url, cache_dir),
+        fake.api_key,
+        None,
+        revalidate_after=tree_options.pop("revalidate_after", 86400.0),
+        wall_clock=wall,
+        transport=InProcessTransport(fake),
+    ) as core:
         tree = Tree(
-            api,
+            core.api,
             core.store,
             core.meta,
-            gz=GzipViews(core.meta, nursery=nursery),
-            nursery=nursery,
+            gz=GzipViews(core.meta, nursery=core.nursery),
+            nursery=core.nursery,
             wall_clock=wall,
             **tree_options,
         )
         yield Layer(tree, core, fake)
         await core.store.flush()
-        nursery.cancel_scope.cancel()
 
 
 def in_window(fake: FakeVapi, now: float, days: float = 14.0) -> set[str]:
@@ -207,3 +214,53 @@ async def test_api_errors_are_retried_with_backoff_in_bounded_time(
         fake.set_knobs(api_429_rate=0.0)
         assert await names(ly.tree) == in_window(fake, time.time())
         assert trio.current_time() - started < 120.0
+
+
+async def test_the_core_opens_its_caches_after_the_hook_and_stops_its_tasks_on_exit(
+    fake: FakeVapi, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    settings = CoreSettings(fake.api_url, cache_dir)
+    seen: list[bool] = []
+
+    class Refused(Exception):
+        pass
+
+    async def refuse(api: VapiClient) -> None:
+        seen.append(cache_dir.exists())
+        raise Refused
+
+    with pytest.raises(Refused):
+        async with opened_core(
+            settings, fake.api_key, None, revalidate_after=60.0, before_caches=refuse
+        ):
+            pytest.fail("the core opened although the hook refused")
+    assert seen == [False]
+    assert not cache_dir.exists()  # nothing was opened
+
+    async def check(api: VapiClient) -> None:
+        await api.check_key()
+        seen.append(cache_dir.exists())
+
+    stopped = trio.Event()
+
+    async def background() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            stopped.set()
+
+    async with opened_core(
+        settings,
+        fake.api_key,
+        None,
+        revalidate_after=60.0,
+        before_caches=check,
+        transport=InProcessTransport(fake),
+    ) as core:
+        assert cache_dir.is_dir()
+        core.nursery.start_soon(background)
+        await trio.testing.wait_all_tasks_blocked()
+    assert seen == [False, False]
+    assert stopped.is_set()
+    assert core.client.is_closed

@@ -158,3 +158,26 @@ def test_the_fake_stands_apart_from_the_code_it_fakes() -> None:
     for name, deps in graph.items():
         if name.startswith("demo") and name != "demo.tour":
             assert all(dep.startswith("demo") for dep in deps), (name, deps)
+
+
+def test_the_mount_and_prefetch_open_the_core_one_way() -> None:
+    # Both commands open it through core.opened_core: neither builds a client or a cache
+    # itself, so that what one opens differently the other cannot miss.
+    root = Path(vapifs.__file__).parent
+    builders = {"http_client", "api_client", "open_core", "VapiClient", "Resolver", "Fetcher"}
+    builders |= {"BlockCache", "MetaStore", "ArtifactStore"}
+    for name in ("mount", "prefetch"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        from_core = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "core"
+            for alias in node.names
+        }
+        assert "opened_core" in from_core, name
+        called = {
+            node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+        }
+        assert not (from_core | called) & builders, (name, (from_core | called) & builders)

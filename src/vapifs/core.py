@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import http.cookiejar
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpcore
 import httpx
@@ -94,10 +95,27 @@ def api_client(
     return VapiClient(client, api_url, api_key, policy=RetryPolicy(), governor=governor)
 
 
+class CoreOptions(Protocol):
+    """What opening the core takes from a command's options (the mount's, prefetch's)."""
+
+    api_url: str
+    cache_dir: Path
+    cache_size: int
+    read_timeout: float
+    stall_timeout: float
+    api_rate: float
+    storage_connections: int
+    ca_file: Path | None
+
+
 @dataclass
 class Core:
-    """Everything that reads artifacts, from the signed URLs to the disk cache."""
+    """Everything that reads artifacts, from the API and the signed URLs to the disk cache,
+    and the nursery its background tasks run in (callers may start theirs there too)."""
 
+    client: httpx.AsyncClient
+    api: VapiClient
+    nursery: trio.Nursery
     resolver: Resolver
     fetcher: Fetcher
     cache: BlockCache
@@ -137,4 +155,48 @@ async def open_core(
         read_timeout=read_timeout,
         wall_clock=wall_clock,
     )
-    return Core(resolver, fetcher, cache, meta, store)
+    return Core(client, api, nursery, resolver, fetcher, cache, meta, store)
+
+
+@asynccontextmanager
+async def opened_core(
+    opts: CoreOptions,
+    api_key: str,
+    cipher: Cipher | None,
+    *,
+    revalidate_after: float,
+    before_caches: Callable[[VapiClient], Awaitable[None]] | None = None,
+    wall_clock: Callable[[], float] = time.time,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> AsyncIterator[Core]:
+    """The core of a process, open for the `async with`: the HTTP and API clients, the caches
+    under `opts.cache_dir` and the read path. `before_caches` runs with the API client before
+    any cache is opened (the mount's key check). On exit the core's nursery is cancelled, then
+    the HTTP client closed: what must reach the disk first is the caller's to flush."""
+    client = http_client(
+        read_timeout=opts.read_timeout,
+        stall_timeout=opts.stall_timeout,
+        ca_file=opts.ca_file,
+        storage_connections=opts.storage_connections,
+        transport=transport,
+    )
+    async with client:
+        api = api_client(client, opts.api_url, api_key, rate=opts.api_rate)
+        if before_caches is not None:
+            await before_caches(api)
+        async with trio.open_nursery() as nursery:
+            try:
+                yield await open_core(
+                    nursery,
+                    client,
+                    api,
+                    opts.cache_dir,
+                    opts.cache_size,
+                    cipher,
+                    revalidate_after=revalidate_after,
+                    read_timeout=opts.read_timeout,
+                    wall_clock=wall_clock,
+                    storage_connections=opts.storage_connections,
+                )
+            finally:
+                nursery.cancel_scope.cancel()

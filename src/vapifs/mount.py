@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import resource
@@ -22,10 +23,10 @@ import pyfuse3
 import trio
 
 from . import __version__
-from .api import describe
+from .api import VapiClient, describe
 from .cachekey import cache_cipher
 from .cachelock import CacheInUse, lock_cache
-from .core import api_client, http_client, open_core
+from .core import opened_core
 from .crypto import CacheKeyError, Cipher
 from .defaults import (
     DEFAULT_API_RATE,
@@ -203,38 +204,31 @@ class _Notifier:
         self._fd = None
 
 
+class _Refused(Exception):
+    """The API refused the key, or its certificate does not verify: nothing is mounted."""
+
+
+async def _check_key(api: VapiClient, read_timeout: float) -> None:
+    """One request before mounting: a refused key is an error, no network only a warning."""
+    try:
+        with trio.fail_after(read_timeout):
+            await api.check_key()
+    except (KeyRejected, CertificateError) as exc:
+        raise _Refused(describe(exc)) from None
+    except (VapifsError, trio.TooSlowError) as exc:
+        log.warning(
+            "the Vapi API is unreachable (%s); mounting anyway and serving the cache",
+            describe(exc),
+        )
+
+
 async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None = None) -> int:
-    client = http_client(
-        read_timeout=opts.read_timeout,
-        stall_timeout=opts.stall_timeout,
-        ca_file=opts.ca_file,
-        storage_connections=opts.storage_connections,
-    )
-    async with client:
-        api = api_client(client, opts.api_url, opts.api_key, rate=opts.api_rate)
-        try:
-            with trio.fail_after(opts.read_timeout):
-                await api.check_key()
-        except (KeyRejected, CertificateError) as exc:
-            notifier.send(describe(exc))
-            return 1
-        except (VapifsError, trio.TooSlowError) as exc:
-            log.warning(
-                "the Vapi API is unreachable (%s); mounting anyway and serving the cache",
-                describe(exc),
-            )
-        async with trio.open_nursery() as nursery:
-            core = await open_core(
-                nursery,
-                client,
-                api,
-                opts.cache_dir,
-                opts.cache_size,
-                cipher,
-                revalidate_after=opts.revalidate,
-                read_timeout=opts.read_timeout,
-                storage_connections=opts.storage_connections,
-            )
+    check = functools.partial(_check_key, read_timeout=opts.read_timeout)
+    try:
+        async with opened_core(
+            opts, opts.api_key, cipher, revalidate_after=opts.revalidate, before_caches=check
+        ) as core:
+            api, nursery = core.api, core.nursery
             tree = Tree(
                 api,
                 core.store,
@@ -345,6 +339,9 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                     flushing.shield = True
                     await core.store.flush()
                 nursery.cancel_scope.cancel()
+    except _Refused as exc:
+        notifier.send(str(exc))
+        return 1
     log.info("unmounted %s", opts.mountpoint)
     return 0
 

@@ -16,17 +16,16 @@ from typing import Any, TextIO
 import trio
 
 from . import calls as C
-from .api import VapiClient, describe
+from .api import describe
 from .blocks import BlockCache
 from .cachecmd import running_mounts
 from .cachekey import cache_cipher
 from .cachelock import CacheInUse, lock_cache
-from .core import api_client, http_client, open_core
+from .core import Core, opened_core
 from .crypto import CacheKeyError
 from .defaults import DEFAULT_API_RATE, DEFAULT_REVALIDATE, DEFAULT_STORAGE_CONNECTIONS
 from .errors import KeyRejected, VapifsError
-from .fetch import Fetcher
-from .reader import MAX_RUN_BLOCKS, ArtifactStore
+from .reader import MAX_RUN_BLOCKS
 from .stats import NotAMount, mount_root, read_stats
 from .tree import Tree
 from .units import human_bytes, human_duration
@@ -362,15 +361,6 @@ def _dedup(jobs: list[_Job]) -> list[_Job]:
     return out
 
 
-@dataclass
-class _Core:
-    api: VapiClient
-    tree: Tree
-    store: ArtifactStore
-    cache: BlockCache
-    fetcher: Fetcher
-
-
 async def _with_core(
     opts: PrefetchOptions,
     report: Report,
@@ -378,59 +368,36 @@ async def _with_core(
     mount_jobs: list[_Job],
     core_paths: list[tuple[str, str | None, Path]],
 ) -> None:
-    """Build the FUSE-free core (as a mount does, without FUSE) and prefetch through it."""
+    """Open the FUSE-free core (as a mount does, without FUSE) and prefetch through it."""
     key = opts.key()
-    client = http_client(
-        read_timeout=opts.read_timeout,
-        stall_timeout=opts.stall_timeout,
-        ca_file=opts.ca_file,
-        storage_connections=opts.storage_connections,
-    )
-    async with client:
-        api = api_client(client, opts.api_url, key, rate=opts.api_rate)
-        try:
-            cipher = await trio.to_thread.run_sync(
-                cache_cipher, opts.cache_dir, opts.encrypt_cache, opts.cache_key_file
-            )
-        except CacheKeyError as exc:
-            raise PrefetchError(str(exc)) from None
-        try:
-            lock = await trio.to_thread.run_sync(lock_cache, opts.cache_dir, "prefetch")
-        except CacheInUse as exc:
-            raise PrefetchError(str(exc)) from None
-        try:
-            async with trio.open_nursery() as nursery:
-                built = await open_core(
-                    nursery,
-                    client,
-                    api,
-                    opts.cache_dir,
-                    opts.cache_size,
-                    cipher,
-                    revalidate_after=DEFAULT_REVALIDATE,
-                    read_timeout=opts.read_timeout,
-                    storage_connections=opts.storage_connections,
-                )
-                store, cache, fetcher = built.store, built.cache, built.fetcher
-                core = _Core(api, Tree(api, store, built.meta), store, cache, fetcher)
-                jobs = list(mount_jobs)
-                try:
-                    with trio.CancelScope() as listing:
-                        async with trio.open_nursery() as watch:
-                            watch.start_soon(_on_signal(listing, report))
-                            jobs += await _core_jobs(core, opts, core_paths)
-                            watch.cancel_scope.cancel()
-                    if not report.interrupted:
-                        await _run_jobs(opts, report, progress, _dedup(jobs), core)
-                    # Every block received goes to disk before the store's tasks stop.
-                    with trio.move_on_after(5.0 if report.interrupted else math.inf):
-                        await store.flush()
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            lock.release()
-        report.bytes_network += fetcher.bytes_received
-        report.bytes_on_disk = await trio.to_thread.run_sync(_on_disk, cache, jobs)
+    try:
+        cipher = await trio.to_thread.run_sync(
+            cache_cipher, opts.cache_dir, opts.encrypt_cache, opts.cache_key_file
+        )
+    except CacheKeyError as exc:
+        raise PrefetchError(str(exc)) from None
+    try:
+        lock = await trio.to_thread.run_sync(lock_cache, opts.cache_dir, "prefetch")
+    except CacheInUse as exc:
+        raise PrefetchError(str(exc)) from None
+    jobs = list(mount_jobs)
+    try:
+        async with opened_core(opts, key, cipher, revalidate_after=DEFAULT_REVALIDATE) as core:
+            tree = Tree(core.api, core.store, core.meta)
+            with trio.CancelScope() as listing:
+                async with trio.open_nursery() as watch:
+                    watch.start_soon(_on_signal(listing, report))
+                    jobs += await _core_jobs(tree, opts, core_paths)
+                    watch.cancel_scope.cancel()
+            if not report.interrupted:
+                await _run_jobs(opts, report, progress, _dedup(jobs), core)
+            # Every block received goes to disk before the store's tasks stop.
+            with trio.move_on_after(5.0 if report.interrupted else math.inf):
+                await core.store.flush()
+    finally:
+        lock.release()
+    report.bytes_network += core.fetcher.bytes_received
+    report.bytes_on_disk = await trio.to_thread.run_sync(_on_disk, core.cache, jobs)
 
 
 def _on_disk(cache: BlockCache, jobs: list[_Job]) -> int:
@@ -445,7 +412,7 @@ def _on_disk(cache: BlockCache, jobs: list[_Job]) -> int:
 
 
 async def _core_jobs(
-    core: _Core, opts: PrefetchOptions, core_paths: list[tuple[str, str | None, Path]]
+    tree: Tree, opts: PrefetchOptions, core_paths: list[tuple[str, str | None, Path]]
 ) -> list[_Job]:
     jobs: list[_Job] = []
 
@@ -457,12 +424,12 @@ async def _core_jobs(
 
     try:
         for call_id, name, path in core_paths:
-            call = await core.tree.call_object(call_id)
+            call = await tree.call_object(call_id)
             if name is not None and name not in C.artifact_files(call):
                 raise PrefetchError(f"{path}: the call has no artifact named {name}")
             add(call, name)
         if opts.since is not None:
-            for call in await core.tree.calls_between(opts.since, opts.until):
+            for call in await tree.calls_between(opts.since, opts.until):
                 add(call, None)
     except KeyRejected as exc:
         raise PrefetchError(describe(exc)) from None
@@ -487,7 +454,7 @@ async def _run_jobs(
     report: Report,
     progress: Progress,
     jobs: list[_Job],
-    core: _Core | None,
+    core: Core | None,
 ) -> None:
     """Size every file, then read what is missing: N files at a time, each in order."""
     report.files = len(jobs)
@@ -524,7 +491,7 @@ def _fail(job: _Job, report: Report, reason: str) -> None:
     report.failed.append((job.label, reason))
 
 
-async def _size(job: _Job, report: Report, progress: Progress, core: _Core | None) -> None:
+async def _size(job: _Job, report: Report, progress: Progress, core: Core | None) -> None:
     try:
         if job.path is not None:
             job.size = (await trio.to_thread.run_sync(os.stat, job.path)).st_size
@@ -555,7 +522,7 @@ async def _size(job: _Job, report: Report, progress: Progress, core: _Core | Non
     progress.show()
 
 
-async def _fetch(job: _Job, report: Report, progress: Progress, core: _Core | None) -> None:
+async def _fetch(job: _Job, report: Report, progress: Progress, core: Core | None) -> None:
     try:
         if job.path is not None:
             await _read_through(job, report, progress)
@@ -574,7 +541,7 @@ async def _fetch(job: _Job, report: Report, progress: Progress, core: _Core | No
     progress.show()
 
 
-async def _read_core(job: _Job, report: Report, progress: Progress, core: _Core) -> None:
+async def _read_core(job: _Job, report: Report, progress: Progress, core: Core) -> None:
     """Read the missing blocks in order, a run of adjacent ones per request."""
     bs = core.cache.block_size
     runs: list[list[int]] = []

@@ -62,6 +62,7 @@ RANKS = {
     "cachecmd": 2,
     "fs": 2,
     "stats": 3,
+    "statscmd": 2,
     "core": 3,
     "tree": 4,
     "gzview": 5,

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from vapifs.calls import artifact_files
+from vapifs.defaults import STATS_FILE
 from vapifs.demo.data import generate_calls
 from vapifs.demo.server import FakeVapi
 from vapifs.reader import HEAD_BYTES
-from vapifs.stats import STATS_FILE
 from vapifs.walk import FILES_AHEAD, SCAN_DIRS, WALK_IDLE
 
 from .conftest import VAPIFS, Mount, MountFactory

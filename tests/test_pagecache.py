@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from vapifs.defaults import STATS_FILE
 from vapifs.demo.data import extra_call
 from vapifs.demo.server import FakeVapi
-from vapifs.stats import STATS_FILE
 
 from .conftest import MountFactory
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from vapifs.calls import artifact_files
+from vapifs.defaults import PAGE_CACHE_NOTE, STATS_FILE
 from vapifs.demo.server import FakeVapi
-from vapifs.stats import PAGE_CACHE_NOTE, STATS_FILE
 
 from .conftest import VAPIFS, MountFactory
 

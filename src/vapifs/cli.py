@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             key_file = args.cache_key_file.expanduser() if args.cache_key_file else None
             return run_cache_command(args.action, args.cache_dir, key_file)
         if args.command == "stats":
-            from .stats import run_stats
+            from .statscmd import run_stats
 
             return run_stats(args.mountpoint, args.json)
         if args.command == "prefetch":

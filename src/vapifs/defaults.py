@@ -14,6 +14,15 @@ DEFAULT_API_RATE = 10.0  # requests per second
 # learn many files' sizes ahead of a walk in a few round trips.
 DEFAULT_STORAGE_CONNECTIONS = 16
 
+# A file of this name in the mount's root, never listed, reads as `snapshot()` in JSON,
+# taken when it is opened. (A file, not an extended attribute: a file system that answers
+# getxattr at all is asked for two attributes of every file `ls -l` shows.)
+STATS_FILE = ".vapifs-stats"
+
+PAGE_CACHE_NOTE = (
+    "re-reads served by the kernel page cache never reach the mount and are not counted"
+)
+
 
 def _xdg(variable: str, *fallback: str) -> Path:
     return Path(os.environ.get(variable) or os.path.join(os.path.expanduser("~"), *fallback))

@@ -16,9 +16,9 @@ import pyfuse3
 import trio
 
 from .api import describe
+from .defaults import STATS_FILE
 from .errors import VapifsError
 from .reader import Stream
-from .stats import STATS_FILE
 from .tree import ROOT_INODE, Node, Tree
 
 log = logging.getLogger("vapifs.fs")

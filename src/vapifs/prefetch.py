@@ -26,7 +26,7 @@ from .crypto import CacheKeyError
 from .defaults import DEFAULT_API_RATE, DEFAULT_REVALIDATE, DEFAULT_STORAGE_CONNECTIONS
 from .errors import KeyRejected, VapifsError
 from .reader import MAX_RUN_BLOCKS
-from .stats import NotAMount, mount_root, read_stats
+from .statscmd import NotAMount, mount_root, read_stats
 from .tree import Tree
 from .units import human_bytes, human_duration
 from .version import Version

@@ -68,11 +68,19 @@ RANKS = {
     "gzview": 5,
     "reader": 5,
     "walk": 5,
-    "blocks": 6,
-    "meta": 6,
-    "fetch": 7,
-    "resolver": 8,
-    "api": 9,
+    # The rooms of the reader, each with one job; none imports the reader.
+    "readahead": 6,
+    "versions": 6,
+    "ends": 7,
+    "loads": 7,
+    "memory": 8,
+    "writers": 8,
+    "inflight": 9,
+    "blocks": 10,
+    "meta": 10,
+    "fetch": 11,
+    "resolver": 12,
+    "api": 13,
     # Leaves: no state of the flow, imported from anywhere.
     **dict.fromkeys(
         [
@@ -87,6 +95,7 @@ RANKS = {
             "errors",
             "redact",
             "rate",
+            "readstats",
             "retry",
             "sdnotify",
             "table",
@@ -94,7 +103,7 @@ RANKS = {
             "units",
             "version",
         ],
-        10,
+        14,
     ),
 }
 

@@ -136,7 +136,8 @@ async def open_core(
     wall_clock: Callable[[], float] = time.time,
     storage_connections: int = DEFAULT_STORAGE_CONNECTIONS,
 ) -> Core:
-    """Open the caches under `cache_dir` and build the read path; tasks go to `nursery`."""
+    """Open the caches under `cache_dir` and build the read path; its tasks (the disk
+    writers among them, started before this returns) run in `nursery`."""
     await trio.to_thread.run_sync(lambda: cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
     cache = BlockCache(cache_dir, cache_size, cipher=cipher)
     meta = MetaStore(cache_dir, cipher=cipher)
@@ -146,7 +147,7 @@ async def open_core(
     fetcher = Fetcher(
         client, resolver, block_size=cache.block_size, max_connections=storage_connections
     )
-    store = ArtifactStore(
+    store = await ArtifactStore.create(
         nursery,
         cache,
         meta,

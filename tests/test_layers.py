@@ -93,6 +93,7 @@ RANKS = {
             "crypto",
             "defaults",
             "errors",
+            "heap",
             "redact",
             "rate",
             "readstats",

@@ -6,10 +6,12 @@ over minutes and days is checked in milliseconds, with the fake's own request co
 
 from __future__ import annotations
 
+import gzip
+import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,15 @@ import trio.testing
 
 from vapifs.api import VapiClient
 from vapifs.calls import artifact_files
+from vapifs.changes import Change, Changes
 from vapifs.core import Core, opened_core
 from vapifs.defaults import DEFAULT_API_RATE, DEFAULT_STORAGE_CONNECTIONS
 from vapifs.demo.data import extra_call
 from vapifs.demo.server import FakeVapi
+from vapifs.entries import NEGATIVE_TTL
 from vapifs.errors import NotFound
-from vapifs.gzview import GzipViews
-from vapifs.tree import CALLS_INODE, NEGATIVE_TTL, Tree
+from vapifs.nodes import BY_ASSISTANT_INODE, BY_DATE_INODE
+from vapifs.tree import CALLS_INODE, Tree
 
 from .inprocess import InProcessTransport
 
@@ -97,8 +101,8 @@ async def layer(fake: FakeVapi, cache_dir: Path, **tree_options: Any) -> AsyncIt
             core.api,
             core.store,
             core.meta,
-            gz=GzipViews(core.meta, nursery=core.nursery),
             nursery=core.nursery,
+            changes=core.changes,
             wall_clock=wall,
             **tree_options,
         )
@@ -264,3 +268,201 @@ async def test_the_core_opens_its_caches_after_the_hook_and_stops_its_tasks_on_e
     assert seen == [False, False]
     assert stopped.is_set()
     assert core.client.is_closed
+
+
+# -- the window remembered -------------------------------------------------------------------
+
+
+async def test_a_remount_starts_from_the_stored_listing_and_asks_only_for_newer_calls(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    async with layer(fake, tmp_path / "cache") as ly:
+        listed = [node.name for node in await ly.tree.children(CALLS_INODE)]
+    assert set(listed) == in_window(fake, time.time())
+    fake.reset_counters()
+    async with layer(fake, tmp_path / "cache") as ly:
+        # Within --dir-ttl of the stored listing: the same calls, in order, with no request.
+        assert [node.name for node in await ly.tree.children(CALLS_INODE)] == listed
+        assert fake.list_queries == []
+        new = extra_call(1, base_seed=fake.seed, org_id=fake.org_id)
+        fake.add_call(new)
+        await trio.sleep(61.0)
+        assert [node.name for node in await ly.tree.children(CALLS_INODE)] == [new.id, *listed]
+        assert len(fake.list_queries) == 1 and "createdAtGt" in fake.list_queries[0]
+    fake.set_knobs(api_down=True)
+    async with layer(fake, tmp_path / "cache") as ly:
+        await trio.sleep(61.0)  # the listing wants a refresh, and the API is unreachable
+        assert [node.name for node in await ly.tree.children(CALLS_INODE)] == [new.id, *listed]
+
+
+async def test_offline_with_no_listing_stored_the_window_is_the_calls_on_disk(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    by_age = sorted(fake.calls.values(), key=lambda fc: fc.created_at, reverse=True)
+    inside = [fc.id for fc in by_age if fc.id in in_window(fake, time.time(), days=13)]
+    opened = inside[1:4]
+    async with layer(fake, tmp_path / "cache") as ly:
+        for call_id in opened:  # by id, as from links in a ticket: no listing
+            assert (await ly.tree.call_object(call_id))["id"] == call_id
+    assert fake.list_queries == []
+    fake.set_knobs(api_down=True)
+    async with layer(fake, tmp_path / "cache") as ly:
+        for _ in range(2):
+            assert [node.name for node in await ly.tree.children(CALLS_INODE)] == opened
+        days = await ly.tree.children(BY_DATE_INODE)
+        assert {c.name for d in days for c in await ly.tree.children(d.inode)} == set(opened)
+
+
+# -- changes reaching the tree ---------------------------------------------------------------
+
+
+async def until(check: Callable[[], bool]) -> None:
+    """Wait until background work (which may run in threads) makes `check` true."""
+    with trio.fail_after(60.0):
+        while not check():
+            await trio.sleep(0.5)
+
+
+@dataclass
+class Kernel:
+    """What the tree tells the kernel, recorded."""
+
+    invalidated: list[int] = field(default_factory=list)
+    forgotten: list[tuple[int, str]] = field(default_factory=list)
+
+    def options(self) -> dict[str, Any]:
+        return {"on_invalidate": self.invalidated.append, "on_forget": self.forget}
+
+    def forget(self, parent: int, name: str) -> None:
+        self.forgotten.append((parent, name))
+
+
+async def test_a_new_version_is_applied_before_the_lookup_that_found_it_returns(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    call_id = a_call_with(fake, "stereo")
+    kernel = Kernel()
+    async with layer(fake, tmp_path / "cache", revalidate_after=600.0, **kernel.options()) as ly:
+        directory = await ly.tree.lookup(CALLS_INODE, call_id)
+        stereo = await ly.tree.lookup(directory.inode, "stereo.wav")
+        assert not stereo.stale_pages and kernel.invalidated == []
+        old = fake.calls[call_id].artifacts["stereo"]
+        fake.swap_artifact(call_id, "stereo", old[:44] + bytes(b ^ 0x5A for b in old[44:]))
+        await trio.sleep(601.0)
+        # The tree's background task waits for changes too: the one this lookup causes is
+        # applied all the same before it returns, with no checkpoint in between.
+        assert await ly.tree.lookup(directory.inode, "stereo.wav") is stereo
+        assert stereo.stale_pages and kernel.invalidated == [stereo.inode]
+
+
+async def test_a_change_the_store_finds_alone_reaches_the_kernel_at_once(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    call_id = a_call_with(fake, "stereo")
+    kernel = Kernel()
+    async with layer(fake, tmp_path / "cache", revalidate_after=600.0, **kernel.options()) as ly:
+        directory = await ly.tree.lookup(CALLS_INODE, call_id)
+        stereo = await ly.tree.lookup(directory.inode, "stereo.wav")
+        old = fake.calls[call_id].artifacts["stereo"]
+        fake.swap_artifact(call_id, "stereo", old[:44] + bytes(b ^ 0x5A for b in old[44:]))
+        await trio.sleep(601.0)
+        await ly.core.store.version(call_id, "stereo")  # as a read-ahead would: no tree call
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.invalidated == [stereo.inode] and stereo.stale_pages
+
+
+async def test_an_artifact_gone_leaves_its_directory_and_the_call_is_asked_again(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    call_id = a_call_with(fake, "stereo")
+    kernel = Kernel()
+    async with layer(fake, tmp_path / "cache", revalidate_after=600.0, **kernel.options()) as ly:
+        assert "stereo.wav" in await ly.call_files(call_id)
+        directory = await ly.tree.lookup(CALLS_INODE, call_id)
+        stereo = await ly.tree.lookup(directory.inode, "stereo.wav")
+        fake.forget_artifact(call_id, "stereo")
+        await trio.sleep(601.0)
+        gets = fake.counters()["api.get"]
+        with pytest.raises(NotFound):
+            await ly.tree.lookup(directory.inode, "stereo.wav")
+        # Applied before the lookup answered, though a task of the tree waits for changes.
+        assert kernel.forgotten == [(directory.inode, "stereo.wav")]
+        assert stereo.inode in kernel.invalidated
+        with pytest.raises(NotFound):
+            ly.tree.node(stereo.inode)
+        assert "stereo.wav" not in {c.name for c in await ly.tree.children(directory.inode)}
+        # Once as the listing found the call stale, once more (in the background) because
+        # one of its artifacts went away.
+        await until(lambda: fake.counters()["api.get"] == gets + 2)
+        await trio.sleep(5.0)
+        assert fake.counters()["api.get"] == gets + 2
+
+
+async def test_a_call_gone_leaves_the_window_the_views_and_the_stored_listing(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    kernel = Kernel()
+    async with layer(fake, tmp_path / "cache", revalidate_after=600.0, **kernel.options()) as ly:
+        listed = [node.name for node in await ly.tree.children(CALLS_INODE)]
+        gone = listed[1]
+        days = [
+            d
+            for d in await ly.tree.children(BY_DATE_INODE)
+            if gone in {c.name for c in await ly.tree.children(d.inode)}
+        ]
+        assert len(days) == 1
+        await ly.tree.lookup(CALLS_INODE, gone)
+        fake.forget_call(gone)
+        await trio.sleep(601.0)
+        with pytest.raises(NotFound):
+            await ly.tree.lookup(CALLS_INODE, gone)
+        assert (CALLS_INODE, gone) in kernel.forgotten
+        assert (days[0].inode, gone) in kernel.forgotten
+        assert [node.name for node in await ly.tree.children(CALLS_INODE)] == [
+            i for i in listed if i != gone
+        ]
+        for view in (BY_DATE_INODE, BY_ASSISTANT_INODE):
+            for group in await ly.tree.children(view):
+                assert gone not in {c.name for c in await ly.tree.children(group.inode)}
+    fake.reset_counters()
+    async with layer(fake, tmp_path / "cache") as ly:
+        assert gone not in await names(ly.tree)
+        assert fake.list_queries == []  # from the stored listing, rewritten without it
+
+
+async def test_a_trailer_that_lies_about_the_decompressed_size_drops_its_attributes(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    call_id = a_call_with(fake, "logs")
+    first, second = random.Random(7).randbytes(1_200_000), b"a second member\n" * 100
+    fake.swap_artifact(call_id, "logs", gzip.compress(first) + gzip.compress(second))
+    kernel = Kernel()
+    async with layer(fake, tmp_path / "cache", **kernel.options()) as ly:
+        directory = await ly.tree.lookup(CALLS_INODE, call_id)
+        plain = await ly.tree.lookup(directory.inode, "call-logs.jsonl")
+        assert ly.tree.size(plain) == len(second)  # the last member's trailer, checked later
+        assert kernel.invalidated == []
+        await until(lambda: plain.inode in kernel.invalidated)
+        assert plain.stale_pages
+        assert ly.tree.size(plain) == len(first) + len(second)
+        assert await ly.tree.read(plain, 0, len(first) + 10, None) == first + second[:10]
+
+
+async def test_a_change_told_while_a_task_waits_is_still_there_for_the_next_take() -> None:
+    changes = Changes()
+    woke: list[list[Change]] = []
+
+    async def follow() -> None:
+        await changes.wait()
+        woke.append(changes.take())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow)
+        await trio.testing.wait_all_tasks_blocked()
+        changes.tell(Change("a", "stereo"))
+        assert changes.take() == [Change("a", "stereo")]  # not handed to the waiting task
+        await trio.testing.wait_all_tasks_blocked()
+        assert woke == []  # woken, it found nothing to take: it waits on
+        changes.tell(Change("a", "mono"))
+        changes.tell(Change("a", "stereo", gone=True))
+    assert woke == [[Change("a", "mono"), Change("a", "stereo", gone=True)]]

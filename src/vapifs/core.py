@@ -17,6 +17,7 @@ import trio
 from . import __version__
 from .api import VapiClient
 from .blocks import BlockCache
+from .changes import Changes
 from .crypto import Cipher
 from .defaults import DEFAULT_STORAGE_CONNECTIONS
 from .fetch import Fetcher
@@ -121,6 +122,7 @@ class Core:
     cache: BlockCache
     meta: MetaStore
     store: ArtifactStore
+    changes: Changes  # what the store tells of artifacts: for the tree
 
 
 async def open_core(
@@ -147,6 +149,7 @@ async def open_core(
     fetcher = Fetcher(
         client, resolver, block_size=cache.block_size, max_connections=storage_connections
     )
+    changes = Changes()
     store = await ArtifactStore.create(
         nursery,
         cache,
@@ -155,8 +158,9 @@ async def open_core(
         revalidate_after=revalidate_after,
         read_timeout=read_timeout,
         wall_clock=wall_clock,
+        changes=changes,
     )
-    return Core(client, api, nursery, resolver, fetcher, cache, meta, store)
+    return Core(client, api, nursery, resolver, fetcher, cache, meta, store, changes)
 
 
 @asynccontextmanager

@@ -36,7 +36,6 @@ from .defaults import (
 )
 from .errors import CertificateError, KeyRejected, VapifsError
 from .fs import Operations
-from .gzview import GzipViews
 from .redact import RedactingFilter
 from .sdnotify import notify as sd_notify
 from .stats import Sources, snapshot
@@ -239,8 +238,10 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                 assistants=opts.assistants,
                 timezone=ZoneInfo(opts.timezone),
                 dir_ttl=opts.dir_ttl,
-                gz=GzipViews(core.meta, nursery=nursery),
                 nursery=nursery,
+                changes=core.changes,
+                on_invalidate=_invalidator(nursery),
+                on_forget=_forgetter,
             )
             fuse = opts.fuse or fuse_options([])
             owner = fuse.owner
@@ -252,8 +253,6 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                 # A little past --read-timeout, so that the read's own bound speaks first.
                 deadline=opts.read_timeout + 2.0,
             )
-            tree.on_invalidate = _invalidator(nursery)
-            tree.on_forget = _forgetter
             if opts.max_cache_age is not None:
                 nursery.start_soon(_expire, tree, opts.max_cache_age)
             sources = Sources(

@@ -383,7 +383,7 @@ async def _with_core(
     jobs = list(mount_jobs)
     try:
         async with opened_core(opts, key, cipher, revalidate_after=DEFAULT_REVALIDATE) as core:
-            tree = Tree(core.api, core.store, core.meta)
+            tree = Tree(core.api, core.store, core.meta, changes=core.changes)
             with trio.CancelScope() as listing:
                 async with trio.open_nursery() as watch:
                     watch.start_soon(_on_signal(listing, report))

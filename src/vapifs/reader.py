@@ -15,6 +15,7 @@ from typing import Any
 import trio
 
 from .blocks import BlockCache
+from .changes import Changes
 from .defaults import DEFAULT_REVALIDATE
 from .ends import HEAD_BYTES, Ends
 from .errors import NetworkError, VapifsError, VersionChanged
@@ -52,6 +53,7 @@ class ArtifactStore:
         memory_bytes: int = 64 << 20,
         max_readahead_blocks: int = 48,
         wall_clock: Callable[[], float] = time.time,
+        changes: Changes | None = None,
     ) -> None:
         self.cache = cache
         self.meta = meta
@@ -73,6 +75,7 @@ class ArtifactStore:
             revalidate_after=revalidate_after,
             read_timeout=read_timeout,
             wall_clock=wall_clock,
+            changes=changes,
         )
         self._ahead = ReadAhead(nursery, self._loads, max_readahead_blocks)
 
@@ -89,6 +92,7 @@ class ArtifactStore:
         memory_bytes: int = 64 << 20,
         max_readahead_blocks: int = 48,
         wall_clock: Callable[[], float] = time.time,
+        changes: Changes | None = None,
     ) -> ArtifactStore:
         """A store whose background work (downloads, disk loads, disk writers) runs in
         `nursery`, the writers started before it returns."""
@@ -102,6 +106,7 @@ class ArtifactStore:
             memory_bytes=memory_bytes,
             max_readahead_blocks=max_readahead_blocks,
             wall_clock=wall_clock,
+            changes=changes,
         )
         await store._writers.start(nursery)
         return store
@@ -111,22 +116,6 @@ class ArtifactStore:
     @property
     def revalidate_after(self) -> float:
         return self._versions.revalidate_after
-
-    @property
-    def on_version_change(self) -> Callable[[str, str], None] | None:
-        return self._versions.on_version_change
-
-    @on_version_change.setter
-    def on_version_change(self, callback: Callable[[str, str], None] | None) -> None:
-        self._versions.on_version_change = callback
-
-    @property
-    def on_gone(self) -> Callable[[str, str], None] | None:
-        return self._versions.on_gone
-
-    @on_gone.setter
-    def on_gone(self, callback: Callable[[str, str], None] | None) -> None:
-        self._versions.on_gone = callback
 
     def known_version(self, call_id: str, kind: str) -> Version | None:
         """The version in memory, without any I/O (for cheap attributes)."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from .changes import Change, Changes
 from .defaults import DEFAULT_REVALIDATE
 from .ends import HEAD_BYTES, Ends
 from .errors import NetworkError, NotFound
@@ -44,6 +45,7 @@ class Versions:
         revalidate_after: float = DEFAULT_REVALIDATE,
         read_timeout: float = 30.0,
         wall_clock: Callable[[], float] = time.time,
+        changes: Changes | None = None,
     ) -> None:
         self.meta = meta
         self._loads = loads
@@ -54,9 +56,9 @@ class Versions:
         self.read_timeout = read_timeout
         self._now = wall_clock
         self._artifacts: dict[tuple[str, str], _Artifact] = {}
-        self.on_version_change: Callable[[str, str], None] | None = None
-        # An artifact known before answered 404 (past the org's retention): it was dropped.
-        self.on_gone: Callable[[str, str], None] | None = None
+        # Told of a new version of an artifact, and of one known before that answered 404
+        # (past the org's retention, it was dropped).
+        self._changes = changes
 
     def known_version(self, call_id: str, kind: str) -> Version | None:
         """The version in memory, without any I/O (for cheap attributes)."""
@@ -92,8 +94,8 @@ class Versions:
                     # It was there and is no more: past retention. Nothing of it stays here.
                     log.warning("%s/%s is gone from the server; dropping it", call_id, kind)
                     await self.forget(call_id, kind)
-                    if self.on_gone is not None:
-                        self.on_gone(call_id, kind)
+                    if self._changes is not None:
+                        self._changes.tell(Change(call_id, kind, gone=True))
                 raise
             except NetworkError as exc:
                 if state.version is None:
@@ -176,8 +178,8 @@ class Versions:
         )
         for call_id, kind in sorted(doomed):
             await self.forget(call_id, kind, keep_version=True)
-            if self.on_version_change is not None:
-                self.on_version_change(call_id, kind)  # pages the kernel keeps go too
+            if self._changes is not None:
+                self._changes.tell(Change(call_id, kind))  # pages the kernel keeps go too
         await trio.to_thread.run_sync(self.cache.drop_older_than, ts)
         return sorted(doomed)
 
@@ -221,8 +223,8 @@ class Versions:
         if old is not None and old != new:
             log.warning("%s/%s changed on the server; dropping its cached blocks", call_id, kind)
             self._loads.memory.drop_artifact(call_id, kind)
-            if self.on_version_change is not None:
-                self.on_version_change(call_id, kind)
+            if self._changes is not None:
+                self._changes.tell(Change(call_id, kind))
         doc = {
             "version": new.to_json(),
             "checked_at": state.checked_at,

@@ -3,19 +3,36 @@
 The tree and the reader then run against the fake's real API and storage logic (302s, signed
 URLs, Range, ETags, counters) inside one trio run, so that trio's virtual clock can jump over
 TTLs and revalidation intervals: nothing waits on a socket. Faults that sleep (stalls) block
-the run and are not for this transport.
+the run and are not for this transport. CoreSettings gives core.opened_core its options.
 """
 
 from __future__ import annotations
 
 import http.client
 import io
+from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 
+from vapifs.defaults import DEFAULT_API_RATE, DEFAULT_STORAGE_CONNECTIONS
 from vapifs.demo.server import FakeVapi, _ApiHandler, _StorageHandler
+
+
+@dataclass
+class CoreSettings:
+    """The options core.opened_core reads, as a command's options give them."""
+
+    api_url: str
+    cache_dir: Path
+    cache_size: int = 1 << 30
+    read_timeout: float = 30.0
+    stall_timeout: float = 10.0
+    api_rate: float = DEFAULT_API_RATE
+    storage_connections: int = DEFAULT_STORAGE_CONNECTIONS
+    ca_file: Path | None = None
 
 
 class _Wire:

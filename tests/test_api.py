@@ -12,10 +12,11 @@ import httpx
 import pytest
 import trio
 
-from vapifs.api import Resolution, VapiClient, describe
+from vapifs.api import VapiClient, describe
 from vapifs.errors import KeyRejected, NetworkError, NotFound, ProtocolError
 from vapifs.redact import REDACTOR, RedactingFilter, Redactor, redact_url
 from vapifs.retry import RetryPolicy, parse_retry_after
+from vapifs.urlbook import Resolution
 
 API = "http://api.test"
 KEY = "sk-api-test-0d9c4b7e2a"

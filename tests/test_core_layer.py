@@ -23,7 +23,6 @@ from vapifs.api import VapiClient
 from vapifs.calls import artifact_files
 from vapifs.changes import Change, Changes
 from vapifs.core import Core, opened_core
-from vapifs.defaults import DEFAULT_API_RATE, DEFAULT_STORAGE_CONNECTIONS
 from vapifs.demo.data import extra_call
 from vapifs.demo.server import FakeVapi
 from vapifs.entries import NEGATIVE_TTL
@@ -31,7 +30,7 @@ from vapifs.errors import NotFound
 from vapifs.nodes import BY_ASSISTANT_INODE, BY_DATE_INODE
 from vapifs.tree import CALLS_INODE, Tree
 
-from .inprocess import InProcessTransport
+from .inprocess import CoreSettings, InProcessTransport
 
 READ_TIMEOUT = 10 * 86400.0
 UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"
@@ -67,21 +66,6 @@ def fake() -> Any:
         yield server
 
 
-@dataclass
-class CoreSettings:
-    """The options opening the core reads, as a command's options give them."""
-
-    api_url: str
-    cache_dir: Path
-    cache_size: int = 1 << 30
-    # Bounds far beyond the virtual sleeps of these tests: a jump must never reach them.
-    read_timeout: float = READ_TIMEOUT
-    stall_timeout: float = READ_TIMEOUT
-    api_rate: float = DEFAULT_API_RATE
-    storage_connections: int = DEFAULT_STORAGE_CONNECTIONS
-    ca_file: Path | None = None
-
-
 @asynccontextmanager
 async def layer(fake: FakeVapi, cache_dir: Path, **tree_options: Any) -> AsyncIterator[Layer]:
     started = time.time()
@@ -89,8 +73,12 @@ async def layer(fake: FakeVapi, cache_dir: Path, **tree_options: Any) -> AsyncIt
     def wall() -> float:  # the wall clock, moving with trio's (virtual) clock
         return started + trio.current_time()
 
+    # Bounds far beyond the virtual sleeps of these tests: a jump must never reach them.
+    settings = CoreSettings(
+        fake.api_url, cache_dir, read_timeout=READ_TIMEOUT, stall_timeout=READ_TIMEOUT
+    )
     async with opened_core(
-        CoreSettings(fake.api_url, cache_dir),
+        settings,
         fake.api_key,
         None,
         revalidate_after=tree_options.pop("revalidate_after", 86400.0),

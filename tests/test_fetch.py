@@ -18,6 +18,7 @@ from vapifs.errors import KeyRejected, NetworkError, VersionChanged
 from vapifs.fetch import Fetcher, _Pieces
 from vapifs.resolver import Resolver
 from vapifs.retry import RetryPolicy
+from vapifs.urlbook import UrlBook
 from vapifs.version import Version
 
 API = "http://api.test"
@@ -132,7 +133,7 @@ class Rig:
     def __init__(self, storage: Storage, client: httpx.AsyncClient, **kwargs: int) -> None:
         self.storage = storage
         self.api = VapiClient(client, API, KEY, policy=POLICY)
-        self.resolver = Resolver(self.api, max_age=600)
+        self.resolver = Resolver(self.api, UrlBook(max_age=600))
         self.fetcher = Fetcher(client, self.resolver, block_size=BS, policy=POLICY, **kwargs)
         self.sink = Sink()
 

@@ -112,6 +112,7 @@ RANKS = {
             "table",
             "tls",
             "units",
+            "urlbook",
             "version",
         ],
         21,

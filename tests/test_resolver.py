@@ -10,9 +10,10 @@ import httpx
 import pytest
 import trio
 
-from vapifs.api import Resolution, VapiClient
+from vapifs.api import VapiClient
 from vapifs.errors import NotFound
-from vapifs.resolver import Resolver, url_lifetime
+from vapifs.resolver import Resolver
+from vapifs.urlbook import Resolution, UrlBook, url_lifetime
 
 API = "http://api.test"
 KEY = "sk-resolver-test-51c0e8"
@@ -59,7 +60,7 @@ async def api(fake: FakeApi) -> AsyncIterator[VapiClient]:
 async def test_reuse_within_max_age(
     autojump_clock: trio.abc.Clock, api: VapiClient, fake: FakeApi
 ) -> None:
-    resolver = Resolver(api, max_age=60)
+    resolver = Resolver(api, UrlBook(max_age=60))
     first = await resolver.get("c1", "stereo")
     assert first.url == "https://storage.test/call/c1/stereo-recording.wav?X-Amz-Signature=s1"
     for _ in range(9):
@@ -72,7 +73,7 @@ async def test_reuse_within_max_age(
 async def test_refresh_after_max_age(
     autojump_clock: trio.abc.Clock, api: VapiClient, fake: FakeApi
 ) -> None:
-    resolver = Resolver(api, max_age=60)
+    resolver = Resolver(api, UrlBook(max_age=60))
     first = await resolver.get("c1", "mono")
     await trio.sleep(59.9)
     assert await resolver.get("c1", "mono") is first
@@ -88,7 +89,7 @@ async def test_refresh_after_max_age(
 
 
 async def test_keys_are_separate(api: VapiClient, fake: FakeApi) -> None:
-    resolver = Resolver(api, max_age=60)
+    resolver = Resolver(api, UrlBook(max_age=60))
     a = await resolver.get("c1", "mono")
     b = await resolver.get("c1", "stereo")
     c = await resolver.get("c2", "mono")
@@ -108,7 +109,7 @@ async def test_announced_lifetime_caps_reuse_to_half(
     fake.query = lambda n: (
         f"X-Amz-Date={amz_date(time.time())}&X-Amz-Expires=40&X-Amz-Signature=s{n}"
     )
-    resolver = Resolver(api, max_age=600)
+    resolver = Resolver(api, UrlBook(max_age=600))
     first = await resolver.get("c1", "logs")
     await trio.sleep(19.4)
     assert await resolver.get("c1", "logs") is first
@@ -121,7 +122,7 @@ async def test_url_already_expired_is_never_reused(
     autojump_clock: trio.abc.Clock, api: VapiClient, fake: FakeApi
 ) -> None:
     fake.query = lambda n: f"X-Amz-Date={amz_date(time.time() - 3600)}&X-Amz-Expires=60&n={n}"
-    resolver = Resolver(api, max_age=600)
+    resolver = Resolver(api, UrlBook(max_age=600))
     urls = {(await resolver.get("c1", "pcap")).url for _ in range(3)}
     assert len(urls) == 3
     assert len(fake.paths) == 3
@@ -131,7 +132,7 @@ async def test_long_lifetime_does_not_extend_max_age(
     autojump_clock: trio.abc.Clock, api: VapiClient, fake: FakeApi
 ) -> None:
     fake.query = lambda n: f"X-Amz-Date={amz_date(time.time())}&X-Amz-Expires=86400&n={n}"
-    resolver = Resolver(api, max_age=30)
+    resolver = Resolver(api, UrlBook(max_age=30))
     first = await resolver.get("c1", "video")
     await trio.sleep(29.9)
     assert await resolver.get("c1", "video") is first
@@ -140,7 +141,7 @@ async def test_long_lifetime_does_not_extend_max_age(
 
 
 async def test_invalidate_forces_a_new_resolution(api: VapiClient, fake: FakeApi) -> None:
-    resolver = Resolver(api, max_age=600)
+    resolver = Resolver(api, UrlBook(max_age=600))
     first = await resolver.get("c1", "mono")
     resolver.invalidate("c1", "mono", first)
     second = await resolver.get("c1", "mono")
@@ -160,7 +161,7 @@ async def test_concurrent_gets_cause_one_resolution(
     autojump_clock: trio.abc.Clock, api: VapiClient, fake: FakeApi
 ) -> None:
     fake.delay = 1.0
-    resolver = Resolver(api, max_age=60)
+    resolver = Resolver(api, UrlBook(max_age=60))
     got: list[Resolution] = []
 
     async def one() -> None:
@@ -181,7 +182,7 @@ async def test_concurrent_gets_for_different_keys_run_in_parallel(
     autojump_clock: trio.abc.Clock, api: VapiClient, fake: FakeApi
 ) -> None:
     fake.delay = 1.0
-    resolver = Resolver(api, max_age=60)
+    resolver = Resolver(api, UrlBook(max_age=60))
     started = trio.current_time()
     async with trio.open_nursery() as nursery:
         for kind in ("mono", "stereo", "customer", "assistant"):
@@ -192,7 +193,7 @@ async def test_concurrent_gets_for_different_keys_run_in_parallel(
 
 async def test_failed_resolution_is_not_cached(api: VapiClient, fake: FakeApi) -> None:
     fake.status = 404
-    resolver = Resolver(api, max_age=60)
+    resolver = Resolver(api, UrlBook(max_age=60))
     for _ in range(2):
         with pytest.raises(NotFound):
             await resolver.get("c1", "video")
@@ -206,7 +207,7 @@ async def test_failed_resolution_is_not_cached(api: VapiClient, fake: FakeApi) -
 async def test_many_keys_stay_correct_after_pruning(
     autojump_clock: trio.abc.Clock, api: VapiClient, fake: FakeApi
 ) -> None:
-    resolver = Resolver(api, max_age=10)
+    resolver = Resolver(api, UrlBook(max_age=10))
     early = [await resolver.get(f"old{i}", "mono") for i in range(200)]
     await trio.sleep(11)
     fresh = [await resolver.get(f"new{i}", "mono") for i in range(100)]
@@ -279,8 +280,9 @@ async def test_offered_presigned_urls_spare_a_resolution(
     young = f"https://storage.test/c1-stereo.wav?X-Amz-Date={signed}&X-Amz-Expires=1800&sig=a"
     dying = f"https://storage.test/c1-mono.wav?X-Amz-Date={signed}&X-Amz-Expires=2&sig=b"
     call = {"id": "c1", "artifact": {"presignedStereoUrl": young, "presignedMonoUrl": dying}}
-    resolver = Resolver(api, max_age=60)
-    resolver.offer_calls([call, {"id": 7}, {"artifact": {"presignedMonoUrl": young}}])
+    book = UrlBook(max_age=60)
+    book.offer_calls([call, {"id": 7}, {"artifact": {"presignedMonoUrl": young}}])
+    resolver = Resolver(api, book)
     assert (await resolver.get("c1", "stereo")).url == young
     assert fake.paths == []
     # Too short-lived to be worth keeping: resolved through the API.
@@ -290,3 +292,37 @@ async def test_offered_presigned_urls_spare_a_resolution(
     await trio.sleep(60.1)
     assert (await resolver.get("c1", "stereo")).url != young
     assert fake.paths == ["/call/c1/mono-recording", "/call/c1/stereo-recording"]
+
+
+async def test_the_api_client_writes_listed_urls_into_the_book_the_resolver_reads(
+    autojump_clock: trio.abc.Clock, fake: FakeApi
+) -> None:
+    signed = amz_date(time.time())
+    listed = f"https://storage.test/c1-logs.gz?X-Amz-Date={signed}&X-Amz-Expires=1800&sig=l"
+    got = f"https://storage.test/c2-pcap?X-Amz-Date={signed}&X-Amz-Expires=1800&sig=g"
+    calls = {
+        "/call": [{"id": "c1", "artifact": {"presignedLogUrl": listed}}],
+        "/call/c2": {"id": "c2", "artifact": {"presignedPcapUrl": got}},
+    }
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path in calls:
+            return httpx.Response(200, json=calls[request.url.path])
+        return await fake(request)
+
+    book = UrlBook(max_age=60)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        api = VapiClient(client, API, KEY, book=book)
+        resolver = Resolver(api, book)
+        await api.list_calls(limit="10")
+        await api.get_call("c2")
+        assert (await resolver.get("c1", "logs")).url == listed
+        assert (await resolver.get("c2", "pcap")).url == got
+        assert fake.paths == []  # no resolve: both came with the call objects
+        assert resolver.presigned_used == 2 and resolver.resolutions == 0
+        # An API client without a book keeps nothing.
+        bookless = VapiClient(client, API, KEY)
+        other = Resolver(bookless, UrlBook(max_age=60))
+        await bookless.list_calls(limit="10")
+        assert (await other.get("c1", "logs")).url != listed
+        assert fake.paths == ["/call/c1/call-logs"]

@@ -17,12 +17,12 @@ import pytest
 import trio
 import trio.testing
 
-from vapifs.core import Core, api_client, http_client, open_core
+from vapifs.core import Core, opened_core
 from vapifs.demo.server import FakeVapi
 from vapifs.version import Version
 from vapifs.writers import DiskWriters
 
-from .inprocess import InProcessTransport
+from .inprocess import CoreSettings, InProcessTransport
 
 V1 = Version(size=10 << 20, etag='"one"')
 V2 = Version(size=10 << 20, etag='"two"')
@@ -173,24 +173,17 @@ def fake() -> Iterator[FakeVapi]:
 @asynccontextmanager
 async def core_of(fake: FakeVapi, cache_dir: Path) -> AsyncIterator[Core]:
     started = time.time()
-    client = http_client(
-        read_timeout=FOREVER, stall_timeout=FOREVER, transport=InProcessTransport(fake)
-    )
-    async with client, trio.open_nursery() as nursery:
-        core = await open_core(
-            nursery,
-            client,
-            api_client(client, fake.api_url, fake.api_key),
-            cache_dir,
-            1 << 30,
-            None,
-            revalidate_after=86400.0,
-            read_timeout=FOREVER,
-            wall_clock=lambda: started + trio.current_time(),
-        )
+    settings = CoreSettings(fake.api_url, cache_dir, read_timeout=FOREVER, stall_timeout=FOREVER)
+    async with opened_core(
+        settings,
+        fake.api_key,
+        None,
+        revalidate_after=86400.0,
+        wall_clock=lambda: started + trio.current_time(),
+        transport=InProcessTransport(fake),
+    ) as core:
         yield core
         await core.store.flush()
-        nursery.cancel_scope.cancel()
 
 
 def big_stereo(fake: FakeVapi) -> tuple[str, bytes]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin
 
@@ -23,6 +21,7 @@ from .rate import Governor
 from .redact import REDACTOR, redact_url
 from .retry import RETRY_STATUS, Attempts, RetryPolicy, parse_retry_after
 from .tls import untrusted
+from .urlbook import Resolution, UrlBook
 
 log = logging.getLogger("vapifs.api")
 
@@ -46,19 +45,6 @@ _CONNECT_ATTEMPTS = 3
 # With a governor, a 429 slows every request down and is tried again without using up an
 # attempt, this many times at most: a reader waits (within its read timeout), never fails.
 _MAX_THROTTLED = 30
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """Where an artifact's bytes can be fetched right now.
-
-    `url` is a signed storage URL (a bearer secret: memory only), or the API endpoint itself
-    when the API served the body directly, in which case `headers` carries the key.
-    """
-
-    url: str = field(repr=False)
-    headers: dict[str, str] = field(default_factory=dict, repr=False)
-    direct: bool = False
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -85,6 +71,7 @@ class VapiClient:
         *,
         policy: RetryPolicy | None = None,
         governor: Governor | None = None,
+        book: UrlBook | None = None,
     ) -> None:
         self._client = client
         self.governor = governor  # paces every request, retries included
@@ -92,9 +79,9 @@ class VapiClient:
         self._auth = {"Authorization": f"Bearer {api_key}"}
         self._policy = policy or RetryPolicy()
         REDACTOR.add_secret(api_key)
-        # Sees every call object as the API sent it (presigned URLs included), before any
-        # caller strips them: the resolver keeps those URLs in memory and saves round trips.
-        self.on_calls: Callable[[list[dict[str, Any]]], None] | None = None
+        # Is shown every call object as the API sent it (presigned URLs included), before any
+        # caller strips them: the resolver finds those URLs there and saves round trips.
+        self._book = book
         self.requests = 0
         # Every HTTP attempt, retries included, by kind: list (GET /call), get, resolve.
         self.attempts: dict[str, int] = dict.fromkeys(("list", "get", "resolve"), 0)
@@ -189,8 +176,8 @@ class VapiClient:
         if not isinstance(body, list):
             raise ProtocolError("GET /call: expected a JSON array")
         calls = [item for item in body if isinstance(item, dict)]
-        if self.on_calls is not None:
-            self.on_calls(calls)
+        if self._book is not None:
+            self._book.offer_calls(calls)
         return calls
 
     async def get_call(self, call_id: str) -> dict[str, Any]:
@@ -198,8 +185,8 @@ class VapiClient:
         body = await self._json(f"/call/{call_id}")
         if not isinstance(body, dict):
             raise ProtocolError(f"GET /call/{call_id}: expected a JSON object")
-        if self.on_calls is not None:
-            self.on_calls([body])
+        if self._book is not None:
+            self._book.offer_calls([body])
         return body
 
     async def resolve(self, call_id: str, kind: str) -> Resolution:

@@ -27,6 +27,7 @@ from .reader import ArtifactStore
 from .resolver import Resolver
 from .retry import RetryPolicy
 from .tls import client_context
+from .urlbook import UrlBook
 
 # httpcore reads a response 64 KiB at a time, and each read climbs through h11, httpcore and
 # httpx: on a fast link that per-read cost, not the network, caps a download (one connection
@@ -89,11 +90,17 @@ def http_client(
 
 
 def api_client(
-    client: httpx.AsyncClient, api_url: str, api_key: str, *, rate: float | None = None
+    client: httpx.AsyncClient,
+    api_url: str,
+    api_key: str,
+    *,
+    rate: float | None = None,
+    book: UrlBook | None = None,
 ) -> VapiClient:
-    """The API client of a process: every request it makes shares one budget of `rate`/s."""
+    """The API client of a process: every request it makes shares one budget of `rate`/s;
+    the signed URLs of the call objects it receives go into `book`."""
     governor = Governor(rate) if rate is not None else Governor()
-    return VapiClient(client, api_url, api_key, policy=RetryPolicy(), governor=governor)
+    return VapiClient(client, api_url, api_key, policy=RetryPolicy(), governor=governor, book=book)
 
 
 class CoreOptions(Protocol):
@@ -133,6 +140,7 @@ async def open_core(
     cache_size: int,
     cipher: Cipher | None,
     *,
+    book: UrlBook,
     revalidate_after: float,
     read_timeout: float,
     wall_clock: Callable[[], float] = time.time,
@@ -144,8 +152,7 @@ async def open_core(
     cache = BlockCache(cache_dir, cache_size, cipher=cipher)
     meta = MetaStore(cache_dir, cipher=cipher)
     await trio.to_thread.run_sync(cache.open)
-    resolver = Resolver(api)
-    api.on_calls = resolver.offer_calls  # listings carry fresh signed URLs: keep them
+    resolver = Resolver(api, book)
     fetcher = Fetcher(
         client, resolver, block_size=cache.block_size, max_connections=storage_connections
     )
@@ -186,7 +193,10 @@ async def opened_core(
         transport=transport,
     )
     async with client:
-        api = api_client(client, opts.api_url, api_key, rate=opts.api_rate)
+        # Listings carry fresh signed URLs: the API client writes them here, the resolver
+        # reads them.
+        book = UrlBook()
+        api = api_client(client, opts.api_url, api_key, rate=opts.api_rate, book=book)
         if before_caches is not None:
             await before_caches(api)
         async with trio.open_nursery() as nursery:
@@ -198,6 +208,7 @@ async def opened_core(
                     opts.cache_dir,
                     opts.cache_size,
                     cipher,
+                    book=book,
                     revalidate_after=revalidate_after,
                     read_timeout=opts.read_timeout,
                     wall_clock=wall_clock,

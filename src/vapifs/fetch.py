@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from .api import Resolution
 from .defaults import DEFAULT_STORAGE_CONNECTIONS
 from .errors import CertificateError, KeyRejected, NetworkError, VersionChanged
 from .resolver import Resolver
 from .retry import RETRY_STATUS, Attempts, RetryPolicy, parse_retry_after
 from .tls import untrusted
+from .urlbook import Resolution
 from .version import Version
 
 log = logging.getLogger("vapifs.fetch")

@@ -55,6 +55,7 @@ class Operations(pyfuse3.Operations):
         gid: int | None = None,
         umask: int = 0o027,
         deadline: float = math.inf,
+        stats_source: Callable[[], bytes] | None = None,
     ) -> None:
         super().__init__()
         self.tree = tree
@@ -70,7 +71,7 @@ class Operations(pyfuse3.Operations):
         self._logged: dict[str, float] = {}  # failure line -> when it was last logged
         self.open_files = 0
         # The mount's live figures as JSON, read from the root's unlisted stats file.
-        self.stats_source: Callable[[], bytes] | None = None
+        self._stats_source = stats_source
         self._stats_reads: dict[int, bytes] = {}  # fh -> the figures taken at open
         self._requests: set[trio.CancelScope] = set()  # requests being answered
         self._stopping = False
@@ -159,7 +160,7 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if parent_inode == ROOT_INODE and name == _STATS_NAME and self.stats_source is not None:
+        if parent_inode == ROOT_INODE and name == _STATS_NAME and self._stats_source is not None:
             return self._stats_attrs()
         text = name.decode("utf-8", "surrogateescape")
         node = await self._guard(f"lookup {text!r}", lambda: self.tree.lookup(parent_inode, text))
@@ -168,7 +169,7 @@ class Operations(pyfuse3.Operations):
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        if inode == STATS_INODE and self.stats_source is not None:
+        if inode == STATS_INODE and self._stats_source is not None:
             return self._stats_attrs()
 
         async def get() -> Node:
@@ -221,10 +222,10 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        if inode == STATS_INODE and self.stats_source is not None:
+        if inode == STATS_INODE and self._stats_source is not None:
             fh = self._next_fh
             self._next_fh += 1
-            self._stats_reads[fh] = self.stats_source()
+            self._stats_reads[fh] = self._stats_source()
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         node = await self._guard("open", self._node_of(inode))
         if node.is_dir:

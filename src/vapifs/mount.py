@@ -245,14 +245,6 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
             )
             fuse = opts.fuse or fuse_options([])
             owner = fuse.owner
-            ops = Operations(
-                tree,
-                uid=owner.uid,
-                gid=owner.gid,
-                umask=owner.umask,
-                # A little past --read-timeout, so that the read's own bound speaks first.
-                deadline=opts.read_timeout + 2.0,
-            )
             if opts.max_cache_age is not None:
                 nursery.start_soon(_expire, tree, opts.max_cache_age)
             sources = Sources(
@@ -261,13 +253,21 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
                 fetcher=core.fetcher,
                 cache=core.cache,
                 store=core.store,
-                open_files=lambda: ops.open_files,
+                open_files=lambda: ops.open_files,  # ops is made just below
                 started=time.time(),
                 mountpoint=str(opts.mountpoint),
                 cache_dir=str(opts.cache_dir),
                 walks=tree.walks.stats,
             )
-            ops.stats_source = lambda: encode_stats(snapshot(sources))
+            ops = Operations(
+                tree,
+                uid=owner.uid,
+                gid=owner.gid,
+                umask=owner.umask,
+                # A little past --read-timeout, so that the read's own bound speaks first.
+                deadline=opts.read_timeout + 2.0,
+                stats_source=lambda: encode_stats(snapshot(sources)),
+            )
             # Everything that can fail comes before init: after it, only main's finally
             # unmounts, and a mountpoint must never be left half-mounted.
             runtime = opts.cache_dir / "run"

@@ -1,134 +1,42 @@
-"""Signed URLs per artifact, kept in memory only and briefly, refreshed before they expire."""
+"""Signed URLs per artifact on demand: resolved through the API when the URL book has none."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
-
-import trio
-
-from .api import Resolution, VapiClient
-from .calls import presigned_urls
-
-Key = tuple[str, str]  # (call id, artifact kind)
-
-
-def url_lifetime(url: str, now: float | None = None) -> float | None:
-    """Seconds a signed URL says it stays valid, from its query (SigV4, GCS, CloudFront)."""
-    query = {k.lower(): v[0] for k, v in parse_qs(urlsplit(url).query).items() if v}
-    now = time.time() if now is None else now
-    expires = query.get("x-amz-expires") or query.get("x-goog-expires")
-    date = query.get("x-amz-date") or query.get("x-goog-date")
-    try:
-        if expires is not None:
-            seconds = float(expires)
-            if date:
-                signed = datetime.strptime(date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-                return signed.timestamp() + seconds - now
-            return seconds
-        if "expires" in query:
-            return float(query["expires"]) - now
-    except ValueError:
-        return None
-    return None
-
-
-@dataclass
-class _Entry:
-    resolution: Resolution
-    fresh_until: float
-    offered: bool = False  # came with a call object, not used yet
+from .api import VapiClient
+from .urlbook import Resolution, UrlBook
 
 
 class Resolver:
-    """Resolves (call, kind) to a `Resolution`, reusing one for at most `max_age` seconds.
+    """Resolves (call, kind) to a `Resolution`, reusing the one `book` holds while it is fresh.
 
-    A URL is reused for half of its announced lifetime at most, so it is refreshed before it
-    expires; storage answers that mean "expired" call `invalidate`. One resolution per key
-    is in flight at a time, however many readers ask.
+    What the API resolves goes into the book, which keeps it for a while and replaces it
+    before it expires; storage answers that mean "expired" call `invalidate`. One resolution
+    per key is in flight at a time, however many readers ask.
     """
 
-    def __init__(
-        self,
-        api: VapiClient,
-        *,
-        max_age: float = 60.0,
-        clock: Callable[[], float] = trio.current_time,
-    ) -> None:
+    def __init__(self, api: VapiClient, book: UrlBook) -> None:
         self._api = api
-        self._max_age = max_age
-        self._clock = clock
-        self._entries: dict[Key, _Entry] = {}
-        self._locks: dict[Key, trio.Lock] = {}
+        self._book = book
         self.resolutions = 0
-        self.presigned_used = 0  # resolves spared by URLs that came with call objects
+
+    @property
+    def presigned_used(self) -> int:
+        """Resolves spared by URLs that came with call objects."""
+        return self._book.presigned_used
 
     async def get(self, call_id: str, kind: str) -> Resolution:
-        key = (call_id, kind)
-        entry = self._entries.get(key)
-        if entry is not None and self._clock() < entry.fresh_until:
-            if entry.offered:
-                entry.offered = False
-                self.presigned_used += 1
-            return entry.resolution
-        lock = self._locks.setdefault(key, trio.Lock())
-        async with lock:
-            entry = self._entries.get(key)
-            if entry is not None and self._clock() < entry.fresh_until:
-                return entry.resolution
+        held = self._book.get(call_id, kind)
+        if held is not None:
+            return held
+        async with self._book.lock(call_id, kind):
+            held = self._book.peek(call_id, kind)
+            if held is not None:
+                return held
             resolution = await self._api.resolve(call_id, kind)
             self.resolutions += 1
-            age = self._max_age
-            lifetime = url_lifetime(resolution.url)
-            if lifetime is not None:
-                age = min(age, max(0.0, lifetime / 2))
-            self._entries[key] = _Entry(resolution, self._clock() + age)
-            self._prune()
+            self._book.keep(call_id, kind, resolution)
             return resolution
-
-    def offer_calls(self, calls: list[dict[str, Any]]) -> None:
-        """Keep the presigned URLs that call objects carry, as if they had been resolved.
-
-        They come with every listing; using them while they are young spares one API round
-        trip per artifact. Short-lived ones are not worth keeping.
-        """
-        now_wall = time.time()
-        now = self._clock()
-        for call in calls:
-            call_id = call.get("id")
-            if not isinstance(call_id, str):
-                continue
-            urls, expires_at = presigned_urls(call)
-            for kind, url in urls.items():
-                age = self._max_age
-                lifetime = url_lifetime(url, now_wall)
-                if lifetime is not None:
-                    age = min(age, lifetime / 2)
-                if expires_at is not None:
-                    age = min(age, (expires_at - now_wall) / 2)
-                if age < 2.0:
-                    continue
-                entry = self._entries.get((call_id, kind))
-                if entry is not None and now < entry.fresh_until:
-                    continue
-                self._entries[(call_id, kind)] = _Entry(Resolution(url), now + age, offered=True)
-        self._prune()
 
     def invalidate(self, call_id: str, kind: str, resolution: Resolution) -> None:
         """Forget `resolution` (if still current): the storage host refused it."""
-        entry = self._entries.get((call_id, kind))
-        if entry is not None and entry.resolution is resolution:
-            del self._entries[(call_id, kind)]
-
-    def _prune(self) -> None:
-        now = self._clock()
-        if len(self._entries) > 256:
-            for key in [k for k, e in self._entries.items() if e.fresh_until <= now]:
-                del self._entries[key]
-                lock = self._locks.get(key)
-                if lock is not None and not lock.locked():
-                    del self._locks[key]
+        self._book.invalidate(call_id, kind, resolution)

@@ -8,7 +8,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from vapifs import blocks as B
+from vapifs import blockfile as B
 from vapifs.version import Version
 
 
@@ -32,9 +32,9 @@ def files_of(root: Path, call_id: str, kind: str) -> list[Path]:
 
 def layout(path: Path) -> tuple[int, int, int, int]:
     """(record table offset, slot 0 offset, slot stride, block count) of a block file."""
-    raw = path.read_bytes()[: len(B.MAGIC) + B._FIXED.size]
-    hlen, region, _block_size, stride, count = B._FIXED.unpack_from(raw, len(B.MAGIC))
-    table = -(-(len(B.MAGIC) + B._FIXED.size + hlen) // 8) * 8
+    raw = path.read_bytes()[: len(B.MAGIC) + B.FIXED.size]
+    hlen, region, _block_size, stride, count = B.FIXED.unpack_from(raw, len(B.MAGIC))
+    table = -(-(len(B.MAGIC) + B.FIXED.size + hlen) // 8) * 8
     return table, region, stride, count
 
 
@@ -47,17 +47,17 @@ def records(path: Path) -> dict[int, tuple[int, int]]:
     out = {}
     seed = zlib.crc32(f"{h} {token}".encode())
     for index in range(count):
-        rec = raw[table + index * B._RECORD.size : table + (index + 1) * B._RECORD.size]
-        if len(rec) < B._RECORD.size:
+        rec = raw[table + index * B.RECORD.size : table + (index + 1) * B.RECORD.size]
+        if len(rec) < B.RECORD.size:
             continue
-        stored, crc, _atime, at, check = B._RECORD.unpack(rec)
+        stored, crc, _atime, at, check = B.RECORD.unpack(rec)
         if stored and at == index and check == zlib.crc32(rec[:-4], seed):
             out[index] = (stored, crc)
     return out
 
 
 def record_offset(path: Path, index: int) -> int:
-    return layout(path)[0] + index * B._RECORD.size
+    return layout(path)[0] + index * B.RECORD.size
 
 
 def slot_offset(path: Path, index: int) -> int:
@@ -102,10 +102,10 @@ def set_access(path: Path, index: int, when: float) -> None:
 def write_record(path: Path, index: int, stored: int, crc: int, when: float = 0.0) -> None:
     """A sound record for a slot, whatever the slot holds (as a bug or an attacker might)."""
     h, token = path.name.removesuffix(".vblk").split("-")
-    fields = B._RECORD.pack(stored, crc, when, index, 0)[:-4]
+    fields = B.RECORD.pack(stored, crc, when, index, 0)[:-4]
     check = zlib.crc32(fields, zlib.crc32(f"{h} {token}".encode()))
     patch(path, record_offset(path, index), fields + struct.pack("<I", check))
 
 
 def clear_record(path: Path, index: int) -> None:
-    patch(path, record_offset(path, index), bytes(B._RECORD.size))
+    patch(path, record_offset(path, index), bytes(B.RECORD.size))

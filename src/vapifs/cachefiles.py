@@ -16,7 +16,7 @@ log = logging.getLogger("vapifs.cache")
 # Every sealed file of an encrypted cache starts with ENC_MAGIC, then a sealed blob whose
 # associated data is the file's identity, so that a blob moved to another name never opens.
 ENC_MAGIC = b"VAPIFSE1"
-# Where a block file's header blob starts, after its magic and fixed fields (see blocks.py):
+# Where a block file's header blob starts, after its magic and fixed fields (see blockfile.py):
 # enough for atrest to tell a sealed cache from a plain one without knowing block files.
 BLOCK_HEADER_AT = 32
 

@@ -61,6 +61,7 @@ RANKS = {
     "prefetch": 1,
     "cachecmd": 2,
     "fs": 2,
+    "jobs": 2,
     "stats": 3,
     "statscmd": 2,
     "core": 3,

@@ -9,7 +9,6 @@ import logging
 import os
 import resource
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from . import __version__
 from .api import VapiClient, describe
 from .cachekey import cache_cipher
 from .cachelock import CacheInUse, lock_cache
-from .core import opened_core
+from .core import Core, opened_core
 from .crypto import CacheKeyError, Cipher
 from .defaults import (
     DEFAULT_API_RATE,
@@ -36,19 +35,15 @@ from .defaults import (
 )
 from .errors import CertificateError, KeyRejected, VapifsError
 from .fs import Operations
+from .jobs import Expiry, Jobs, SignalWatcher, StatsPublisher, UnmountWatcher, remove_file
 from .redact import RedactingFilter
 from .sdnotify import notify as sd_notify
 from .stats import Sources, snapshot
 from .stats import encode as encode_stats
-from .stats import publish as publish_stats
 from .tree import Tree
 
 log = logging.getLogger("vapifs")
 
-# How often the mount checks that it is still mounted (seconds).
-UNMOUNT_POLL = 0.5
-# --max-cache-age is applied at least this often (seconds).
-EXPIRE_EVERY = 600.0
 # Between answering every request EIO and leaving the FUSE loop (seconds).
 STOP_GRACE = 0.3
 # At exit, blocks already fetched get this long to reach the disk (seconds).
@@ -222,122 +217,28 @@ async def _check_key(api: VapiClient, read_timeout: float) -> None:
 
 
 async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None = None) -> int:
+    """Mount and serve until unmounted or signalled: 0, or 1 when nothing was mounted.
+
+    Every resource is entered into one exit stack as it is made, so that it is released in
+    the reverse order whatever ends the mount: the FUSE session closes (unmounting), the
+    stats file goes, the blocks already fetched get FLUSH_AT_EXIT to reach the disk, the
+    background jobs stop, then the core (its tasks, its HTTP client).
+    """
     check = functools.partial(_check_key, read_timeout=opts.read_timeout)
     try:
-        async with opened_core(
-            opts, opts.api_key, cipher, revalidate_after=opts.revalidate, before_caches=check
-        ) as core:
-            api, nursery = core.api, core.nursery
-            tree = Tree(
-                api,
-                core.store,
-                core.meta,
-                window_days=opts.window_days,
-                since=opts.since,
-                until=opts.until,
-                assistants=opts.assistants,
-                timezone=ZoneInfo(opts.timezone),
-                dir_ttl=opts.dir_ttl,
-                nursery=nursery,
-                changes=core.changes,
-                on_invalidate=_invalidator(nursery),
-                on_forget=_forgetter,
+        async with contextlib.AsyncExitStack() as stack:
+            core = await stack.enter_async_context(
+                opened_core(
+                    opts,
+                    opts.api_key,
+                    cipher,
+                    revalidate_after=opts.revalidate,
+                    before_caches=check,
+                )
             )
-            fuse = opts.fuse or fuse_options([])
-            owner = fuse.owner
-            if opts.max_cache_age is not None:
-                nursery.start_soon(_expire, tree, opts.max_cache_age)
-            sources = Sources(
-                api=api,
-                resolver=core.resolver,
-                fetcher=core.fetcher,
-                cache=core.cache,
-                store=core.store,
-                open_files=lambda: ops.open_files,  # ops is made just below
-                started=time.time(),
-                mountpoint=str(opts.mountpoint),
-                cache_dir=str(opts.cache_dir),
-                walks=tree.walks.stats,
-            )
-            ops = Operations(
-                tree,
-                uid=owner.uid,
-                gid=owner.gid,
-                umask=owner.umask,
-                # A little past --read-timeout, so that the read's own bound speaks first.
-                deadline=opts.read_timeout + 2.0,
-                stats_source=lambda: encode_stats(snapshot(sources)),
-            )
-            # Everything that can fail comes before init: after it, only main's finally
-            # unmounts, and a mountpoint must never be left half-mounted.
-            runtime = opts.cache_dir / "run"
-            runtime.mkdir(exist_ok=True, mode=0o700)
-            stats_path = runtime / f"{os.getpid()}.json"
-            try:
-                pyfuse3.init(ops, str(opts.mountpoint), set(fuse.kernel))
-            except RuntimeError as exc:
-                hint = f" (check -o {','.join(fuse.given)})" if fuse.given else ""
-                notifier.send(f"cannot mount {opts.mountpoint}: {exc}{hint}")
-                nursery.cancel_scope.cancel()
+            jobs = stack.enter_context(Jobs(core.nursery))
+            if not await _mount(stack, jobs, opts, core, notifier):
                 return 1
-
-            async def ready() -> None:
-                st = await trio.to_thread.run_sync(os.stat, opts.mountpoint)
-                await trio.to_thread.run_sync(_raise_read_ahead, st.st_dev)
-                log.info("vapifs %s mounted %s on %s", __version__, opts.api_url, opts.mountpoint)
-                notifier.send("ok")
-                if opts.foreground:  # the process systemd started (Type=notify) is this one
-                    sd_notify("READY=1")
-                await watch_unmount(st.st_dev)
-
-            def stop() -> None:
-                # Requests waiting on the network answer EIO now: pyfuse3's loop ends only
-                # once every request it started has been answered.
-                ops.cancel_requests()
-                nursery.start_soon(terminate)
-
-            async def terminate() -> None:
-                # A moment in which the kernel's retry of a cancelled read is answered EIO
-                # too, rather than left to "Transport endpoint is not connected".
-                await trio.sleep(STOP_GRACE)
-                pyfuse3.terminate()
-
-            async def on_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as it:
-                    async for signum in it:
-                        log.info("%s: unmounting", signal.Signals(signum).name)
-                        stop()
-                        return
-
-            async def watch_unmount(dev: int) -> None:
-                """Stop once unmounted from outside (`vapifs umount`, fusermount3 -u, umount),
-                without waiting for requests in flight. After a lazy unmount, files still
-                open keep reading until they are closed."""
-                while True:
-                    await trio.sleep(UNMOUNT_POLL)
-                    mounted = await trio.to_thread.run_sync(_is_mounted, dev)
-                    if not mounted and ops.open_files == 0:
-                        log.info("%s was unmounted", opts.mountpoint)
-                        stop()
-                        return
-
-            nursery.start_soon(ready)
-            nursery.start_soon(on_signals)
-            nursery.start_soon(publish_stats, sources, stats_path)
-            try:
-                await pyfuse3.main()
-            finally:
-                if opts.foreground:
-                    sd_notify("STOPPING=1")
-                pyfuse3.close(unmount=True)
-                with contextlib.suppress(OSError):
-                    stats_path.unlink()
-                # Blocks read just before the unmount still reach the disk: a later mount,
-                # offline perhaps, finds them there.
-                with trio.move_on_after(FLUSH_AT_EXIT) as flushing:
-                    flushing.shield = True
-                    await core.store.flush()
-                nursery.cancel_scope.cancel()
     except _Refused as exc:
         notifier.send(str(exc))
         return 1
@@ -345,17 +246,126 @@ async def _serve(opts: MountOptions, notifier: _Notifier, cipher: Cipher | None 
     return 0
 
 
-def _is_mounted(dev: int) -> bool:
-    """Whether the file system of device `dev` is still mounted in this process's view.
-
-    Read from /proc/self/mountinfo: a stat of the mountpoint would be a request to ourselves.
-    """
-    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+async def _mount(
+    stack: contextlib.AsyncExitStack,
+    jobs: Jobs,
+    opts: MountOptions,
+    core: Core,
+    notifier: _Notifier,
+) -> bool:
+    """Mount the tree over `core` and run the FUSE loop; False if the kernel refused."""
+    tree = _tree(opts, core)
+    fuse = opts.fuse or fuse_options([])
+    sources = _sources(opts, core, tree, lambda: ops.open_files)  # ops is made just below
+    ops = Operations(
+        tree,
+        uid=fuse.owner.uid,
+        gid=fuse.owner.gid,
+        umask=fuse.owner.umask,
+        # A little past --read-timeout, so that the read's own bound speaks first.
+        deadline=opts.read_timeout + 2.0,
+        stats_source=lambda: encode_stats(snapshot(sources)),
+    )
+    if opts.max_cache_age is not None:
+        jobs.start(Expiry(tree.drop_older_than, opts.max_cache_age))
+    # Everything that can fail comes before init, and what init begins is undone by the
+    # stack's callbacks alone: a mountpoint must never be left half-mounted.
+    stats_path = _runtime_dir(opts.cache_dir) / f"{os.getpid()}.json"
+    stack.push_async_callback(_flush_at_exit, core)
+    stack.callback(remove_file, stats_path)
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            return any(line.split(" ", 3)[2] == wanted for line in f if line.count(" ") >= 3)
-    except OSError:
-        return True  # cannot tell: keep serving
+        pyfuse3.init(ops, str(opts.mountpoint), set(fuse.kernel))
+    except RuntimeError as exc:
+        hint = f" (check -o {','.join(fuse.given)})" if fuse.given else ""
+        notifier.send(f"cannot mount {opts.mountpoint}: {exc}{hint}")
+        return False
+    stack.callback(pyfuse3.close, unmount=True)
+    if opts.foreground:
+        stack.callback(sd_notify, "STOPPING=1")
+    stop = _Stopper(ops, core.nursery)
+    announce = functools.partial(_announce, opts, notifier)
+    jobs.start(UnmountWatcher(opts.mountpoint, lambda: ops.open_files, stop, announce))
+    jobs.start(SignalWatcher(stop))
+    jobs.start(StatsPublisher(sources, stats_path))
+    await pyfuse3.main()
+    return True
+
+
+def _tree(opts: MountOptions, core: Core) -> Tree:
+    return Tree(
+        core.api,
+        core.store,
+        core.meta,
+        window_days=opts.window_days,
+        since=opts.since,
+        until=opts.until,
+        assistants=opts.assistants,
+        timezone=ZoneInfo(opts.timezone),
+        dir_ttl=opts.dir_ttl,
+        nursery=core.nursery,
+        changes=core.changes,
+        on_invalidate=_invalidator(core.nursery),
+        on_forget=_forgetter,
+    )
+
+
+def _sources(opts: MountOptions, core: Core, tree: Tree, open_files: Callable[[], int]) -> Sources:
+    """Where the mount's live figures come from (`vapifs stats`, the stats file)."""
+    return Sources(
+        api=core.api,
+        resolver=core.resolver,
+        fetcher=core.fetcher,
+        cache=core.cache,
+        store=core.store,
+        open_files=open_files,
+        started=time.time(),
+        mountpoint=str(opts.mountpoint),
+        cache_dir=str(opts.cache_dir),
+        walks=tree.walks.stats,
+    )
+
+
+def _runtime_dir(cache_dir: Path) -> Path:
+    """The cache's run/ directory, where each mount keeps its stats file."""
+    runtime = cache_dir / "run"
+    runtime.mkdir(exist_ok=True, mode=0o700)
+    return runtime
+
+
+async def _announce(opts: MountOptions, notifier: _Notifier, dev: int) -> None:
+    """The mount answers: let the kernel read ahead further, and say so."""
+    await trio.to_thread.run_sync(_raise_read_ahead, dev)
+    log.info("vapifs %s mounted %s on %s", __version__, opts.api_url, opts.mountpoint)
+    notifier.send("ok")
+    if opts.foreground:  # the process systemd started (Type=notify) is this one
+        sd_notify("READY=1")
+
+
+class _Stopper:
+    """Ends the FUSE loop: requests waiting on the network answer EIO now (pyfuse3's loop
+    ends only once every request it started has been answered), the loop a moment later."""
+
+    def __init__(self, ops: Operations, nursery: trio.Nursery) -> None:
+        self._ops = ops
+        self._nursery = nursery
+
+    def __call__(self) -> None:
+        self._ops.cancel_requests()
+        self._nursery.start_soon(self._terminate)
+
+    async def _terminate(self) -> None:
+        # A moment in which the kernel's retry of a cancelled read is answered EIO too,
+        # rather than left to "Transport endpoint is not connected".
+        await trio.sleep(STOP_GRACE)
+        pyfuse3.terminate()
+
+
+async def _flush_at_exit(core: Core) -> None:
+    """Blocks read just before the unmount still reach the disk: a later mount, offline
+    perhaps, finds them there."""
+    with trio.move_on_after(FLUSH_AT_EXIT) as flushing:
+        flushing.shield = True
+        await core.store.flush()
 
 
 def _raise_read_ahead(dev: int, kib: int = 4096) -> None:
@@ -388,18 +398,6 @@ def _forgetter(parent: int, name: str) -> None:
         pyfuse3.invalidate_entry_async(
             parent, name.encode("utf-8", "surrogateescape"), ignore_enoent=True
         )
-
-
-async def _expire(tree: Tree, max_age: float) -> None:
-    """--max-cache-age: at start, then every so often, drop what is older than max_age."""
-    while True:
-        try:
-            dropped = await tree.drop_older_than(time.time() - max_age)
-            if dropped:
-                log.info("cache: dropped %d artifacts older than %gs", dropped, max_age)
-        except Exception:  # background work must never take the mount down
-            log.exception("cache: cannot drop old data")
-        await trio.sleep(max(1.0, min(max_age / 4, EXPIRE_EVERY)))
 
 
 def _check_writable(opts: MountOptions) -> None:

@@ -235,7 +235,7 @@ class Fetcher:
         sink: _PieceSink,
     ) -> None:
         """One GET of bytes [state.pos, state.end); advances `state` piece by piece."""
-        pos, end, version = state.pos, state.end, state.version
+        pos, end = state.pos, state.end
         headers = {"Range": f"bytes={pos}-{end - 1}", "Accept-Encoding": "identity"}
         headers.update(resolution.headers)
         self.requests += 1
@@ -247,107 +247,152 @@ class Fetcher:
                 raise CertificateError(f"{call_id}/{kind}: {reason}") from None
             raise _Retry(type(exc).__name__) from None
         try:
-            status = response.status_code
-            if status in _REFUSED:
-                if resolution.direct and status == 401:
-                    raise KeyRejected("the API key was refused")
-                raise _Refused(f"storage answered HTTP {status}")
-            if status in RETRY_STATUS:
-                raise _Retry(
-                    f"storage answered HTTP {status}",
-                    parse_retry_after(response.headers.get("retry-after")),
-                )
-            if status == 416:
-                match = _UNSATISFIED.match(response.headers.get("content-range", ""))
-                if match:
-                    new = version_of(response, int(match.group(1)))
-                    if version is None and pos >= new.size:
-                        state.version, state.end = new, min(end, new.size)
-                        return
-                    if version is not None and new != version:
-                        raise VersionChanged(f"{call_id}/{kind} changed size", new)
-                raise _Retry("storage answered HTTP 416")
-            encoding = response.headers.get("content-encoding", "identity").strip().lower()
-            encoded = encoding not in ("", "identity")
-            skip = 0
-            to_the_end = False
-            if status == 206:
-                match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
-                if not match or match.group(3) == "*":
-                    raise _Retry("storage sent a 206 without a usable Content-Range")
-                r_start, r_stop, total = (
-                    int(match.group(1)),
-                    int(match.group(2)),
-                    int(match.group(3)),
-                )
-                if encoded and response.headers.get("content-length") != str(r_stop - r_start + 1):
-                    # Compressed on the way (a proxy, say): these are not the stored bytes.
-                    raise _Retry(f"storage sent a {encoding}-encoded body")
-                # Otherwise the object is stored compressed (logs uploaded with
-                # Content-Encoding: gzip) and these are exactly its bytes: take them raw.
-                if r_start != pos or r_stop >= max(end, pos + 1) or r_stop >= total:
-                    raise _Retry(
-                        f"storage sent bytes {r_start}-{r_stop}, not the {pos}-{end - 1} asked"
-                    )
-                body_end = r_stop + 1
-                # A body of exactly the range ends with its last byte: reading to its end
-                # costs no wait and puts the connection back in the pool.
-                to_the_end = response.headers.get("content-length") == str(r_stop - r_start + 1)
-            elif status == 200:
-                if encoded:
-                    raise _Retry(f"storage ignored Range and sent a {encoding}-encoded body")
-                # The host ignored Range: skip to the wanted offset in the whole body.
-                length = response.headers.get("content-length")
-                if length is None or not length.isdigit():
-                    raise _Retry("storage ignored Range and sent no Content-Length")
-                total = int(length)
-                skip = pos
-                body_end = total
-            else:
-                raise _Retry(f"storage answered HTTP {status}")
-            got = version_of(response, total)
-            if version is None:
-                version = got
-            elif got != version:
-                raise VersionChanged(f"{call_id}/{kind} changed on the server", got)
-            end = min(end, version.size)
-            state.version, state.end = version, end
-            if pos >= end:
-                return
-            body_end = min(body_end, end)
-            pending = _Pieces()
-            need = state.piece_end(pos, version.size) - pos
-            try:
-                # Bytes exactly as stored: never let httpx decode them. For an identity body
-                # aiter_bytes() is the same and also works on a body already read.
-                chunks = response.aiter_raw() if encoded else response.aiter_bytes()
-                async for chunk in chunks:
-                    self.bytes_received += len(chunk)
-                    if pos >= body_end:
-                        break  # more than the range (never data) or the rest of a whole body
-                    if skip:
-                        if len(chunk) <= skip:
-                            skip -= len(chunk)
-                            continue
-                        chunk = chunk[skip:]
-                        skip = 0
-                    # Never buffer past what the response says it carries: a body longer
-                    # than its Content-Range must not complete a block with foreign bytes.
-                    room = body_end - pos - pending.size
-                    pending.add(chunk if len(chunk) <= room else memoryview(chunk)[:room])
-                    while pending.size >= need and pos < body_end:
-                        await sink(pos, pending.take(need))
-                        pos += need
-                        state.pos = pos
-                        need = state.piece_end(pos, version.size) - pos
-                    if pos >= body_end and not to_the_end:
-                        break
-                # Otherwise the body is read to its end, which adds nothing but lets the
-                # connection go back to the pool: a response closed early costs a new
-                # connection (a round trip of its own) for the next request.
-            except (httpx.TransportError, httpx.StreamError) as exc:
-                raise _Retry(f"{type(exc).__name__} after {pos} bytes") from None
-            if pos < body_end:
-                raise _Retry("storage closed the body early")
+            body = classify(
+                response,
+                pos,
+                end,
+                state.version,
+                direct=resolution.direct,
+                what=f"{call_id}/{kind}",
+            )
+            if state.version is None:
+                state.version = body.version
+            state.end = min(end, state.version.size)
+            if pos < state.end:
+                await self._stream(response, body, state, sink)
         finally:
             await response.aclose()
+
+    async def _stream(
+        self, response: httpx.Response, body: Body, state: _Progress, sink: _PieceSink
+    ) -> None:
+        """Hand the wanted bytes of `response`'s body to `sink`, piece by piece."""
+        assert state.version is not None
+        pos, size = state.pos, state.version.size
+        body_end = min(body.end, state.end)
+        skip = body.skip
+        pending = _Pieces()
+        need = state.piece_end(pos, size) - pos
+        try:
+            # Bytes exactly as stored: never let httpx decode them. For an identity body
+            # aiter_bytes() is the same and also works on a body already read.
+            chunks = response.aiter_raw() if body.encoded else response.aiter_bytes()
+            async for chunk in chunks:
+                self.bytes_received += len(chunk)
+                if pos >= body_end:
+                    break  # more than the range (never data) or the rest of a whole body
+                if skip:
+                    if len(chunk) <= skip:
+                        skip -= len(chunk)
+                        continue
+                    chunk = chunk[skip:]
+                    skip = 0
+                # Never buffer past what the response says it carries: a body longer
+                # than its Content-Range must not complete a block with foreign bytes.
+                room = body_end - pos - pending.size
+                pending.add(chunk if len(chunk) <= room else memoryview(chunk)[:room])
+                while pending.size >= need and pos < body_end:
+                    await sink(pos, pending.take(need))
+                    pos += need
+                    state.pos = pos
+                    need = state.piece_end(pos, size) - pos
+                if pos >= body_end and not body.to_the_end:
+                    break
+            # Otherwise the body is read to its end, which adds nothing but lets the
+            # connection go back to the pool: a response closed early costs a new
+            # connection (a round trip of its own) for the next request.
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            raise _Retry(f"{type(exc).__name__} after {pos} bytes") from None
+        if pos < body_end:
+            raise _Retry("storage closed the body early")
+
+
+@dataclass(frozen=True)
+class Body:
+    """What a storage response holds for a request of bytes [pos, end)."""
+
+    version: Version  # of the artifact, as the response tells it
+    end: int  # one past the last artifact byte the body carries
+    skip: int = 0  # body bytes before the first one asked (a host that ignored Range)
+    to_the_end: bool = False  # the body is exactly the range: read it to its end
+    encoded: bool = False  # stored compressed: these bytes are taken raw, as stored
+
+
+def classify(
+    response: httpx.Response,
+    pos: int,
+    end: int,
+    version: Version | None,
+    *,
+    direct: bool = False,
+    what: str = "artifact",
+) -> Body:
+    """What the response to a GET of bytes [pos, end) of `what` holds, from its status and
+    headers alone (nothing of its body is read).
+
+    Raises _Refused (resolve again), _Retry (try again after a backoff), KeyRejected (a
+    direct resolution's key was refused) or VersionChanged (`version` is no longer the
+    server's). A body that holds nothing wanted has `end` <= `pos`.
+    """
+    status = response.status_code
+    if status in _REFUSED:
+        if direct and status == 401:
+            raise KeyRejected("the API key was refused")
+        raise _Refused(f"storage answered HTTP {status}")
+    if status in RETRY_STATUS:
+        raise _Retry(
+            f"storage answered HTTP {status}",
+            parse_retry_after(response.headers.get("retry-after")),
+        )
+    if status == 416:
+        return _unsatisfied(response, pos, version, what)
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    encoded = encoding not in ("", "identity")
+    if status == 206:
+        body = _partial(response, pos, end, encoded, encoding)
+    elif status == 200:
+        if encoded:
+            raise _Retry(f"storage ignored Range and sent a {encoding}-encoded body")
+        # The host ignored Range: skip to the wanted offset in the whole body.
+        length = response.headers.get("content-length")
+        if length is None or not length.isdigit():
+            raise _Retry("storage ignored Range and sent no Content-Length")
+        total = int(length)
+        body = Body(version_of(response, total), total, skip=pos)
+    else:
+        raise _Retry(f"storage answered HTTP {status}")
+    if version is not None and body.version != version:
+        raise VersionChanged(f"{what} changed on the server", body.version)
+    return body
+
+
+def _unsatisfied(response: httpx.Response, pos: int, version: Version | None, what: str) -> Body:
+    """A 416: past the end of an artifact of unknown size (its `bytes */N` tells the
+    version), a changed size, or a host in trouble."""
+    match = _UNSATISFIED.match(response.headers.get("content-range", ""))
+    if match:
+        new = version_of(response, int(match.group(1)))
+        if version is None and pos >= new.size:
+            return Body(new, new.size)
+        if version is not None and new != version:
+            raise VersionChanged(f"{what} changed size", new)
+    raise _Retry("storage answered HTTP 416")
+
+
+def _partial(response: httpx.Response, pos: int, end: int, encoded: bool, encoding: str) -> Body:
+    """A 206: its Content-Range must be exactly the bytes asked, or a prefix of them."""
+    match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+    if not match or match.group(3) == "*":
+        raise _Retry("storage sent a 206 without a usable Content-Range")
+    r_start, r_stop, total = int(match.group(1)), int(match.group(2)), int(match.group(3))
+    # A body of exactly the range ends with its last byte: reading to its end costs no wait
+    # and puts the connection back in the pool.
+    exact = response.headers.get("content-length") == str(r_stop - r_start + 1)
+    if encoded and not exact:
+        # Compressed on the way (a proxy, say): these are not the stored bytes.
+        raise _Retry(f"storage sent a {encoding}-encoded body")
+    # Otherwise the object is stored compressed (logs uploaded with Content-Encoding: gzip)
+    # and these are exactly its bytes: take them raw.
+    if r_start != pos or r_stop >= max(end, pos + 1) or r_stop >= total:
+        raise _Retry(f"storage sent bytes {r_start}-{r_stop}, not the {pos}-{end - 1} asked")
+    return Body(version_of(response, total), r_stop + 1, to_the_end=exact, encoded=encoded)

@@ -17,12 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from harness import Bench
 from world import OPEN_PREFIX
-
-if TYPE_CHECKING:
-    from run import Bench
 
 # File names in a call directory, as vapifs shows them, by artifact kind.
 NAMES = {"stereo": "stereo.wav", "mono": "mono.wav", "logs": "call-logs.jsonl.gz"}

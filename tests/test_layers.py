@@ -212,3 +212,23 @@ def test_the_mount_and_prefetch_open_the_core_one_way() -> None:
             if isinstance(node, ast.Call)
         }
         assert not (from_core | called) & builders, (name, (from_core | called) & builders)
+
+
+def test_the_bench_modules_import_one_another_without_cycles() -> None:
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    names = {path.stem for path in bench.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        found: set[str] = set()
+        for node in ast.walk(ast.parse((bench / f"{name}.py").read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module)
+        graph[name] = found & names - {name}
+    assert {"run", "many", "harness"} <= set(graph)
+    left = graph
+    while left:
+        free = [name for name, deps in left.items() if not deps & set(left)]
+        assert free, f"an import cycle among {sorted(left)}"
+        left = {name: deps for name, deps in left.items() if name not in free}

@@ -18,7 +18,9 @@ from typing import Any
 import httpx
 
 from vapifs.defaults import DEFAULT_API_RATE, DEFAULT_STORAGE_CONNECTIONS
-from vapifs.demo.server import FakeVapi, _ApiHandler, _StorageHandler
+from vapifs.demo.api import ApiHandler
+from vapifs.demo.server import FakeVapi
+from vapifs.demo.storage import StorageHandler
 
 
 @dataclass
@@ -81,7 +83,7 @@ class InProcessTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         api = httpx.URL(self.fake.api_url)
-        handler = _ApiHandler if request.url.port == api.port else _StorageHandler
+        handler = ApiHandler if request.url.port == api.port else StorageHandler
         body = await request.aread()
         head = [f"{request.method} {request.url.raw_path.decode()} HTTP/1.1"]
         head += [f"{k.decode()}: {v.decode()}" for k, v in request.headers.raw]

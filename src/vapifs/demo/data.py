@@ -10,7 +10,7 @@ import struct
 import sys
 import uuid
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -473,6 +473,14 @@ _ENDED_REASONS = (
 _DURATIONS = (3.0, 5.0, 8.0, 12.0, 15.0, 20.0, 24.0, 30.0, 36.0, 45.0, 60.0)
 
 
+@dataclass
+class _Files:
+    """The artifacts of a call being made, and their file name suffixes."""
+
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    suffixes: dict[str, str] = field(default_factory=dict)
+
+
 def _stable_url(org_id: str, call_id: str, created_ms: int, kind: str, suffix: str) -> str:
     return f"{STABLE_HOST}/{org_id}/{call_id}-{created_ms}-{kind}{suffix}"
 
@@ -497,7 +505,8 @@ def make_call(
     """Build one call. key seeds everything random about it (id, audio, logs...).
 
     recordings is "wav", "mp3" or "none". With big_stereo_mb > 0 the only recording is a
-    stereo WAV of about that many MiB (logs and pcap as requested).
+    stereo WAV of about that many MiB (logs and pcap as requested). Each random stream is
+    drawn from in a fixed order: the calls of a seed stay the same, byte for byte.
     """
     rng = _rng("call", key)
     call_id = _uuid(rng)
@@ -506,37 +515,13 @@ def make_call(
     if seconds is None:
         seconds = rng.choice(_DURATIONS) + rng.random()
     rate = rng.choice((8000, 16000))
-    artifacts: dict[str, bytes] = {}
-    suffixes: dict[str, str] = {}
-    audio_rng = _rng("audio", key)
-
-    big_seconds = 0
-    if ended and big_stereo_mb > 0:
-        artifacts["stereo"], big_seconds = big_stereo_wav(audio_rng, big_stereo_mb)
-        suffixes["stereo"] = ".wav"
-        seconds = float(big_seconds)
-
-    un = int(rate * _UNIT_SECONDS)
-    n_samples = int(seconds * rate)
-    units, turns = _plan(_rng("plan", key), math.ceil(n_samples / un) if not big_seconds else 60)
-
-    if ended and not big_seconds and recordings == "wav":
-        artifacts.update(_wav_set(audio_rng, rate, units, n_samples))
-        suffixes.update(dict.fromkeys(AUDIO_KINDS, ".wav"))
-    elif ended and not big_seconds and recordings == "mp3":
-        frames = mp3_frames_for(seconds)
-        for kind in AUDIO_KINDS:
-            tag = f"vapifs-demo {call_id} {kind}".encode()
-            artifacts[kind] = mp3_bytes(frames, channels=2 if kind == "stereo" else 1, tag=tag)
-            suffixes[kind] = ".mp3"
-
-    started_ms = created_ms + rng.randint(800, 3500)
-    ended_ms = started_ms + int(seconds * 1000)
-    if not ended:
-        ended_ms = max(started_ms + 1000, now_ms if now_ms is not None else ended_ms)
-    updated_ms = ended_ms + rng.randint(500, 6000) if ended else ended_ms
-
-    if ended and video and not big_seconds:
+    media = _Files()
+    seconds, big, turns = _recordings(
+        media, key, call_id, rate, seconds, ended=ended, kind=recordings, big_mb=big_stereo_mb
+    )
+    started_ms, ended_ms, updated_ms = _times(rng, created_ms, seconds, ended, now_ms)
+    artifacts, suffixes = media.artifacts, media.suffixes
+    if ended and video and not big:
         artifacts["video"] = mp4_bytes(_rng("video", key), seconds, created_ms)
         suffixes["video"] = ".mp4"
     if ended and logs:
@@ -546,17 +531,97 @@ def make_call(
     customer_name = rng.choice(_NAMES)
     customer_number = "+1555" + "".join(str(rng.randrange(10)) for _ in range(7))
     if ended and pcap and phone:
+        inbound = call_type == "inboundPhoneCall"
         artifacts["pcap"] = pcap_bytes(
-            _rng("pcap", key),
-            call_id,
-            started_ms,
-            ended_ms,
-            customer_number,
-            call_type == "inboundPhoneCall",
+            _rng("pcap", key), call_id, started_ms, ended_ms, customer_number, inbound
         )
         suffixes["pcap"] = ".pcap"
+    messages, transcript = _conversation(rng, turns, seconds, started_ms, ended)
+    artifact = _artifact_object(messages, transcript, media, org_id, call_id, created_ms)
+    call: dict[str, Any] = {
+        "id": call_id,
+        "orgId": org_id,
+        "type": call_type,
+        "status": status,
+        "createdAt": iso_ms(created_ms),
+        "updatedAt": iso_ms(updated_ms),
+        "startedAt": iso_ms(started_ms),
+    }
+    if ended:
+        call["endedAt"] = iso_ms(ended_ms)
+        call["endedReason"] = rng.choice(_ENDED_REASONS)
+    call["cost"] = round(seconds / 60 * 0.11 + rng.random() * 0.02, 4)
+    call["assistantId"] = assistant_id
+    if phone and phone_number_id:
+        call["phoneNumberId"] = phone_number_id
+    customer: dict[str, Any] = {"name": customer_name}
+    if phone:
+        customer["number"] = customer_number
+    call["customer"] = customer
+    if ended:
+        call["analysis"] = {
+            "summary": f"{customer_name} called; the assistant handled the request.",
+            "successEvaluation": "true" if rng.random() < 0.8 else "false",
+        }
+    call["artifact"] = artifact
+    return FakeCall(call=call, artifacts=artifacts, suffixes=suffixes)
 
-    # Messages and transcript follow the audio's turns (unit k starts at k * 0.2 s).
+
+def _times(
+    rng: random.Random, created_ms: int, seconds: float, ended: bool, now_ms: int | None
+) -> tuple[int, int, int]:
+    """When the call started, ended (or is up to, if still going on) and was last updated."""
+    started_ms = created_ms + rng.randint(800, 3500)
+    ended_ms = started_ms + int(seconds * 1000)
+    if not ended:
+        ended_ms = max(started_ms + 1000, now_ms if now_ms is not None else ended_ms)
+    updated_ms = ended_ms + rng.randint(500, 6000) if ended else ended_ms
+    return started_ms, ended_ms, updated_ms
+
+
+def _recordings(
+    media: _Files,
+    key: str,
+    call_id: str,
+    rate: int,
+    seconds: float,
+    *,
+    ended: bool,
+    kind: str,
+    big_mb: int,
+) -> tuple[float, int, list[tuple[str, int, int]]]:
+    """Add the call's recordings to `media`: (its length, that of a big stereo WAV or 0,
+    the turns of its conversation)."""
+    artifacts, suffixes = media.artifacts, media.suffixes
+    audio_rng = _rng("audio", key)
+    big_seconds = 0
+    if ended and big_mb > 0:
+        artifacts["stereo"], big_seconds = big_stereo_wav(audio_rng, big_mb)
+        suffixes["stereo"] = ".wav"
+        seconds = float(big_seconds)
+    un = int(rate * _UNIT_SECONDS)
+    n_samples = int(seconds * rate)
+    units, turns = _plan(_rng("plan", key), math.ceil(n_samples / un) if not big_seconds else 60)
+    if ended and not big_seconds and kind == "wav":
+        artifacts.update(_wav_set(audio_rng, rate, units, n_samples))
+        suffixes.update(dict.fromkeys(AUDIO_KINDS, ".wav"))
+    elif ended and not big_seconds and kind == "mp3":
+        frames = mp3_frames_for(seconds)
+        for audio in AUDIO_KINDS:
+            tag = f"vapifs-demo {call_id} {audio}".encode()
+            artifacts[audio] = mp3_bytes(frames, channels=2 if audio == "stereo" else 1, tag=tag)
+            suffixes[audio] = ".mp3"
+    return seconds, big_seconds, turns
+
+
+def _conversation(
+    rng: random.Random,
+    turns: list[tuple[str, int, int]],
+    seconds: float,
+    started_ms: int,
+    ended: bool,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Messages and transcript, following the audio's turns (unit k starts at k * 0.2 s)."""
     messages: list[dict[str, Any]] = [
         {
             "role": "system",
@@ -585,10 +650,22 @@ def make_call(
             }
         )
         transcript.append(("AI: " if speaker == "assistant" else "User: ") + text)
+    return messages, transcript
 
+
+def _artifact_object(
+    messages: list[dict[str, Any]],
+    transcript: list[str],
+    media: _Files,
+    org_id: str,
+    call_id: str,
+    created_ms: int,
+) -> dict[str, Any]:
+    """The call's `artifact`: its conversation and the stable URLs of its files."""
     artifact: dict[str, Any] = {"messages": messages, "transcript": "\n".join(transcript)}
     urls = {
-        kind: _stable_url(org_id, call_id, created_ms, kind, suffixes[kind]) for kind in artifacts
+        kind: _stable_url(org_id, call_id, created_ms, kind, media.suffixes[kind])
+        for kind in media.artifacts
     }
     recording: dict[str, Any] = {}
     if "stereo" in urls:
@@ -610,34 +687,7 @@ def make_call(
         artifact["pcapUrl"] = urls["pcap"]
     if "logs" in urls:
         artifact["logUrl"] = urls["logs"]
-
-    call: dict[str, Any] = {
-        "id": call_id,
-        "orgId": org_id,
-        "type": call_type,
-        "status": status,
-        "createdAt": iso_ms(created_ms),
-        "updatedAt": iso_ms(updated_ms),
-        "startedAt": iso_ms(started_ms),
-    }
-    if ended:
-        call["endedAt"] = iso_ms(ended_ms)
-        call["endedReason"] = rng.choice(_ENDED_REASONS)
-    call["cost"] = round(seconds / 60 * 0.11 + rng.random() * 0.02, 4)
-    call["assistantId"] = assistant_id
-    if phone and phone_number_id:
-        call["phoneNumberId"] = phone_number_id
-    customer: dict[str, Any] = {"name": customer_name}
-    if phone:
-        customer["number"] = customer_number
-    call["customer"] = customer
-    if ended:
-        call["analysis"] = {
-            "summary": f"{customer_name} called; the assistant handled the request.",
-            "successEvaluation": "true" if rng.random() < 0.8 else "false",
-        }
-    call["artifact"] = artifact
-    return FakeCall(call=call, artifacts=artifacts, suffixes=suffixes)
+    return artifact
 
 
 def _utc_now(now: datetime | None) -> datetime:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import trio
 
@@ -31,6 +31,17 @@ from .versions import Versions
 from .writers import DiskWriters
 
 __all__ = ["HEAD_BYTES", "MAX_RUN_BLOCKS", "ArtifactStore", "ReaderStats", "Stream"]
+
+
+class StoreOptions(TypedDict, total=False):
+    """The store's tunables, as the constructor takes them (its defaults apply)."""
+
+    revalidate_after: float
+    read_timeout: float
+    memory_bytes: int
+    max_readahead_blocks: int
+    wall_clock: Callable[[], float]
+    changes: Changes | None
 
 
 class ArtifactStore:
@@ -86,28 +97,11 @@ class ArtifactStore:
         cache: BlockCache,
         meta: MetaStore,
         fetcher: Fetcher,
-        *,
-        revalidate_after: float = DEFAULT_REVALIDATE,
-        read_timeout: float = 30.0,
-        memory_bytes: int = 64 << 20,
-        max_readahead_blocks: int = 48,
-        wall_clock: Callable[[], float] = time.time,
-        changes: Changes | None = None,
+        **options: Unpack[StoreOptions],
     ) -> ArtifactStore:
         """A store whose background work (downloads, disk loads, disk writers) runs in
-        `nursery`, the writers started before it returns."""
-        store = cls(
-            nursery,
-            cache,
-            meta,
-            fetcher,
-            revalidate_after=revalidate_after,
-            read_timeout=read_timeout,
-            memory_bytes=memory_bytes,
-            max_readahead_blocks=max_readahead_blocks,
-            wall_clock=wall_clock,
-            changes=changes,
-        )
+        `nursery`, the writers started before it returns; `options` as for the constructor."""
+        store = cls(nursery, cache, meta, fetcher, **options)
         await store._writers.start(nursery)
         return store
 

@@ -491,30 +491,41 @@ def _fail(job: _Job, report: Report, reason: str) -> None:
     report.failed.append((job.label, reason))
 
 
-async def _size(job: _Job, report: Report, progress: Progress, core: Core | None) -> None:
+async def _step(job: _Job, report: Report, work: Callable[[], Awaitable[None]]) -> bool:
+    """Run one step of a job: False when it failed, the reason in the report. A rejected
+    key ends the whole prefetch: every other job would fail the same way."""
     try:
-        if job.path is not None:
-            job.size = (await trio.to_thread.run_sync(os.stat, job.path)).st_size
-        else:
-            assert core is not None
-            version = await core.store.version(job.call_id, job.kind)
-            job.version, job.size = version, version.size
-            bs = core.cache.block_size
-            cached = 0
-            for index in range(math.ceil(version.size / bs)):
-                if core.cache.has(job.call_id, job.kind, version, index):
-                    cached += core.cache.block_length(version, index)
-                else:
-                    job.missing.append(index)
-            report.bytes_cached += cached
-            report.bytes_done += cached
+        await work()
     except OSError as exc:
         _fail(job, report, exc.strerror or type(exc).__name__)
-        return
+        return False
     except KeyRejected as exc:
         raise PrefetchError(describe(exc)) from None
     except VapifsError as exc:
         _fail(job, report, describe(exc))
+        return False
+    return True
+
+
+async def _size(job: _Job, report: Report, progress: Progress, core: Core | None) -> None:
+    async def measure() -> None:
+        if job.path is not None:
+            job.size = (await trio.to_thread.run_sync(os.stat, job.path)).st_size
+            return
+        assert core is not None
+        version = await core.store.version(job.call_id, job.kind)
+        job.version, job.size = version, version.size
+        bs = core.cache.block_size
+        cached = 0
+        for index in range(math.ceil(version.size / bs)):
+            if core.cache.has(job.call_id, job.kind, version, index):
+                cached += core.cache.block_length(version, index)
+            else:
+                job.missing.append(index)
+        report.bytes_cached += cached
+        report.bytes_done += cached
+
+    if not await _step(job, report, measure):
         return
     job.sized = True
     report.bytes_total += job.size
@@ -523,19 +534,14 @@ async def _size(job: _Job, report: Report, progress: Progress, core: Core | None
 
 
 async def _fetch(job: _Job, report: Report, progress: Progress, core: Core | None) -> None:
-    try:
+    async def read() -> None:
         if job.path is not None:
             await _read_through(job, report, progress)
         else:
             assert core is not None
             await _read_core(job, report, progress, core)
-    except OSError as exc:
-        _fail(job, report, exc.strerror or type(exc).__name__)
-        return
-    except KeyRejected as exc:
-        raise PrefetchError(describe(exc)) from None
-    except VapifsError as exc:
-        _fail(job, report, describe(exc))
+
+    if not await _step(job, report, read):
         return
     report.done += 1
     progress.show()

@@ -14,12 +14,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from common import log
+from counting import counting
 from harness import Bench
+from report import Row, layout
 from world import OPEN_PREFIX
 
 # File names in a call directory, as vapifs shows them, by artifact kind.
@@ -32,32 +34,30 @@ WORKLOADS = {
 SHELL_JOBS = 8
 
 
-def log(msg: str) -> None:
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
 def call_tree(bench: Bench) -> Path:
     """data/calls/<id>/<name>: the same files vapifs shows, as plain files for rclone
     (hard links to the world's files: no copy)."""
-    root = bench.data_dir / "calls"
+    data_dir = bench.stage.data_dir
+    root = data_dir / "calls"
     shutil.rmtree(root, ignore_errors=True)
-    for (call_id, kind), rel in bench.world.paths.items():
+    for (call_id, kind), rel in bench.stage.world.paths.items():
         if kind not in NAMES:
             continue
         d = root / call_id
         d.mkdir(parents=True, exist_ok=True)
         d.chmod(0o755)
-        os.link(bench.data_dir / rel, d / NAMES[kind])
+        os.link(data_dir / rel, d / NAMES[kind])
     root.chmod(0o755)
     return root
 
 
 def timed(bench: Bench, cmd: str, into: dict[str, Any], *, prefix: str | None = None) -> None:
     """Run a shell command, with its seconds and the requests it made (API, storage)."""
-    assert bench.fake is not None
+    fake = bench.stage.fake
+    assert fake is not None
     kwargs = {} if prefix is None else {"prefix": prefix}
     try:
-        with bench.counting(into, **kwargs):
+        with counting(bench.stage, into, **kwargs):
             t0 = time.perf_counter()
             out = subprocess.run(
                 ["bash", "-c", cmd],
@@ -67,7 +67,7 @@ def timed(bench: Bench, cmd: str, into: dict[str, Any], *, prefix: str | None = 
                 check=False,
             )
             into["seconds"] = time.perf_counter() - t0
-            into["api_429"] = bench.fake.counters().get("fault.api_429", 0)
+            into["api_429"] = fake.counters().get("fault.api_429", 0)
         into["output"] = out.stdout.strip()[-200:]
         if out.returncode not in (0, 1):  # zgrep and grep -c say 1 when nothing matched
             into["error"] = out.stderr.strip()[-300:]
@@ -78,39 +78,33 @@ def timed(bench: Bench, cmd: str, into: dict[str, Any], *, prefix: str | None = 
 
 def shell_way(bench: Bench, into: dict[str, Any]) -> None:
     """List the calls, curl every log 8 at a time (retrying 429s), zgrep the copies."""
-    assert bench.fake is not None
-    copies = bench.run_dir / "shell-logs"
+    stage = bench.stage
+    assert stage.fake is not None
+    copies = stage.run_dir / "shell-logs"
     shutil.rmtree(copies, ignore_errors=True)
     copies.mkdir()
-    auth = "Authorization: Bearer " + bench.fake.api_key
-    curl = " ".join(["curl", "-sS", *bench.curl_tls()])
+    auth = "Authorization: Bearer " + stage.fake.api_key
+    curl = " ".join(["curl", "-sS", *stage.curl_tls()])
     script = (
         f"set -e; cd {copies}; "
-        f"{curl} -H '{auth}' '{bench.api_url}/call?limit=1000' > calls.json; "
+        f"{curl} -H '{auth}' '{stage.api_url}/call?limit=1000' > calls.json; "
         "python3 -c 'import json,sys; "
         '[print(c["id"]) for c in json.load(open("calls.json")) '
         'if c.get("artifact",{}).get("logUrl")]\' > ids; '
         f"xargs -P {SHELL_JOBS} -I{{}} {curl} -L --retry 20 -H '{auth}' "
-        f"-o {{}}.jsonl.gz '{bench.api_url}/call/{{}}/call-logs' < ids; "
+        f"-o {{}}.jsonl.gz '{stage.api_url}/call/{{}}/call-logs' < ids; "
         "zgrep -c ERROR *.jsonl.gz | wc -l"
     )
     timed(bench, script, into, prefix=None)
     shutil.rmtree(copies, ignore_errors=True)
 
 
-def measure(bench: Bench) -> dict[str, Any]:
-    assert bench.fake is not None
-    results: dict[str, Any] = {"calls": len(bench.world.calls), "api_limit": bench.args.api_limit}
-    bench.fake.set_knobs(api_rate_limit=float(bench.args.api_limit))
-    tree = call_tree(bench)
-    logs = sum(1 for (_, kind) in bench.world.paths if kind == "logs")
-    results["logs"] = logs
-    vapifs: dict[str, Any] = {}
-    rclone: dict[str, Any] = {}
-    results["vapifs"], results["rclone"] = vapifs, rclone
+def on_vapifs(bench: Bench, into: dict[str, Any]) -> None:
+    """Each workload on a new vapifs mount with a new cache, with what its stats file says."""
+    mounts, calls_n = bench.mounts, len(bench.stage.world.calls)
     for name, cmd in WORKLOADS.items():
-        log(f"--many: {name} across {len(bench.world.calls)} calls, vapifs, new cache")
-        m = bench.mount_vapifs(f"many-{name}", bench.fresh_cache(f"many-{name}"))
+        log(f"--many: {name} across {calls_n} calls, vapifs, new cache")
+        m = mounts.vapifs(f"many-{name}", mounts.fresh_cache(f"many-{name}"))
         assert m.mountpoint is not None
         counts: dict[str, Any] = {}
         timed(bench, cmd.format(root=m.mountpoint / "calls"), counts)
@@ -118,24 +112,44 @@ def measure(bench: Bench) -> dict[str, Any]:
             stats = json.loads(f.read())
         counts["resolves_spared"] = stats.get("resolves_spared")
         counts["walks"] = stats.get("walks")
-        vapifs[name] = counts
-        bench.runner.stop(m)
-        shutil.rmtree(bench.cache_dir(f"many-{name}"), ignore_errors=True)
+        into[name] = counts
+        mounts.stop(m)
+        shutil.rmtree(mounts.cache_dir(f"many-{name}"), ignore_errors=True)
+
+
+def on_rclone(bench: Bench, into: dict[str, Any]) -> None:
+    """Each workload on a new rclone mount (of the call tree) with a new cache."""
+    mounts = bench.mounts
+    for name, cmd in WORKLOADS.items():
+        log(f"--many: {name} across {len(bench.stage.world.calls)} calls, rclone, new cache")
+        m = mounts.rclone(f"many-rclone-{name}", mounts.fresh_cache(f"rclone-{name}"))
+        assert m.mountpoint is not None
+        counts: dict[str, Any] = {}
+        timed(bench, cmd.format(root=m.mountpoint / "calls"), counts, prefix=OPEN_PREFIX)
+        into[name] = counts
+        mounts.stop(m)
+        shutil.rmtree(mounts.cache_dir(f"rclone-{name}"), ignore_errors=True)
+
+
+def measure(bench: Bench) -> dict[str, Any]:
+    fake, world = bench.stage.fake, bench.stage.world
+    assert fake is not None
+    results: dict[str, Any] = {"calls": len(world.calls), "api_limit": bench.args.api_limit}
+    fake.set_knobs(api_rate_limit=float(bench.args.api_limit))
+    tree = call_tree(bench)
+    logs = sum(1 for (_, kind) in world.paths if kind == "logs")
+    results["logs"] = logs
+    vapifs: dict[str, Any] = {}
+    rclone: dict[str, Any] = {}
+    results["vapifs"], results["rclone"] = vapifs, rclone
+    on_vapifs(bench, vapifs)
     log("--many: the shell way: list, curl every log 8 at a time, zgrep the copies")
     shell: dict[str, Any] = {}
     shell_way(bench, shell)
     results["shell"] = shell
     if shutil.which("rclone"):
-        for name, cmd in WORKLOADS.items():
-            log(f"--many: {name} across {len(bench.world.calls)} calls, rclone, new cache")
-            m = bench.mount_rclone(f"many-rclone-{name}", bench.fresh_cache(f"rclone-{name}"))
-            assert m.mountpoint is not None
-            counts = {}
-            timed(bench, cmd.format(root=m.mountpoint / "calls"), counts, prefix=OPEN_PREFIX)
-            rclone[name] = counts
-            bench.runner.stop(m)
-            shutil.rmtree(bench.cache_dir(f"rclone-{name}"), ignore_errors=True)
-    bench.fake.set_knobs(api_rate_limit=0.0)
+        on_rclone(bench, rclone)
+    fake.set_knobs(api_rate_limit=0.0)
     shutil.rmtree(tree, ignore_errors=True)
     return results
 
@@ -146,7 +160,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def report(bench: Bench, results: dict[str, Any]) -> str:
     v, rc, sh = results["vapifs"], results.get("rclone", {}), results["shell"]
-    rows: list[tuple[str, str, str]] = []
+    rows: list[Row] = []
 
     def secs(c: dict[str, Any] | None) -> str:
         if not c:
@@ -192,17 +206,14 @@ def report(bench: Bench, results: dict[str, Any]) -> str:
     rows.append(
         ("vapifs: API requests refused (429), all workloads", share, f"{refused_total}/{sent}")
     )
+    rtt = bench.stage.rtt
     where = (
         "loopback"
-        if bench.rtt is None
-        else f"delay line RTT {bench.rtt * 1000:.0f} ms, W {bench.args.window // 1024} KiB"
+        if rtt is None
+        else f"delay line RTT {rtt * 1000:.0f} ms, W {bench.args.window // 1024} KiB"
     )
-    width = max(len(a) for a, _, _ in rows)
-    lines = [
+    title = (
         f"vapifs bench --many: {results['calls']} calls, API limited to {results['api_limit']}"
-        f" req/s (429 + Retry-After beyond); {where}; {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        f"{'measure':<{width}}  {'value':>11}  ratios / notes",
-        "-" * (width + 60),
-    ]
-    lines += [f"{a:<{width}}  {b:>11}  {c}" for a, b, c in rows]
-    return "\n".join(lines)
+        f" req/s (429 + Retry-After beyond); {where}; {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    )
+    return layout(title, rows, 11)

@@ -19,8 +19,11 @@ from typing import Any
 import httpx
 
 import many
+import report
+import suite
+from common import REPO, BenchError, log
 from delayline import parse_duration
-from harness import REPO, Bench, BenchError, log
+from harness import Bench
 
 
 def add_many_options(parser: argparse.ArgumentParser) -> None:
@@ -85,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             bench.results["many"] = many.measure(bench)
             table = many.report(bench, bench.results["many"])
         else:
-            bench.measure()
-            table = bench.report()
-        path = bench.save(table)
+            suite.measure(bench)
+            table = report.table(bench)
+        path = report.save(bench, table)
         print(table, flush=True)
         log(f"results in {path.relative_to(REPO)}; {time.monotonic() - bench.started:.0f}s")
         return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -95,22 +96,14 @@ class Loads:
             await self.load_from_disk(call_id, kind, version, on_disk)
         return found, waits, missing
 
-    async def wait(
-        self,
-        call_id: str,
-        kind: str,
-        version: Version,
-        found: dict[int, bytes],
-        waits: dict[int, Pending],
-        first: int,
-        last: int,
-    ) -> list[bytes]:
-        """Blocks `first`..`last` in order, once every one `collect` left waiting is here."""
+    def refetcher(self, call_id: str, kind: str, version: Version) -> Callable[[int], Pending]:
+        """How a reader whose block's download was abandoned (its first reader closed the
+        file) starts that block's download again, for `Inflight.wait`."""
 
         def refetch(index: int) -> Pending:
             return self.start_fetches(call_id, kind, version, [index])[index]
 
-        return await self.inflight.wait(call_id, kind, version, found, waits, first, last, refetch)
+        return refetch
 
     def start_fetches(
         self, call_id: str, kind: str, version: Version, indexes: list[int]

@@ -222,7 +222,10 @@ class ArtifactStore:
         waits.update(self._loads.start_fetches(call_id, kind, version, missing))
         if sequential and stream is not None:
             self._ahead.read_ahead(call_id, kind, version, end, stream)
-        blocks = await self._loads.wait(call_id, kind, version, found, waits, first, last)
+        refetch = self._loads.refetcher(call_id, kind, version)
+        blocks = await self._inflight.wait(
+            call_id, kind, version, found, waits, first, last, refetch
+        )
         if sequential:
             self._ahead.consumed(call_id, kind, version, first, end)
         return _join(blocks, offset - first * bs, end - last * bs)
@@ -289,7 +292,8 @@ class ArtifactStore:
         last = (nbytes - 1) // self.block_size
         found, waits, missing = await self._loads.collect(call_id, kind, version, 0, last)
         waits.update(self._loads.start_fetches(call_id, kind, version, missing))
-        await self._loads.wait(call_id, kind, version, found, waits, 0, last)
+        refetch = self._loads.refetcher(call_id, kind, version)
+        await self._inflight.wait(call_id, kind, version, found, waits, 0, last, refetch)
 
     def gave_up(self, call_id: str, kind: str, exc: VapifsError) -> None:
         """Remember that a read of this artifact gave up on the network, and why."""

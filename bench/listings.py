@@ -4,33 +4,19 @@ after a remount) and a zgrep across every call's log (cold)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import time
 from typing import Any
 
 from common import log
-from counting import counting
+from counting import timed_shell
 from harness import Bench
 
 
 def _timed_shell(bench: Bench, cmd: str) -> dict[str, Any]:
     """Seconds, entries (the number cmd prints) and the requests made, or the timeout."""
     counts: dict[str, Any] = {}
-    try:
-        with counting(bench.stage, counts):
-            t0 = time.perf_counter()
-            out = subprocess.run(
-                ["bash", "-c", cmd],
-                capture_output=True,
-                text=True,
-                timeout=bench.args.ls_timeout,
-                check=False,
-            )
-            counts["seconds"] = time.perf_counter() - t0
+    out = timed_shell(bench.stage, cmd, counts, bench.args.ls_timeout)
+    if out is not None:
         counts["entries"] = int(out.stdout.strip() or 0)
-    except subprocess.TimeoutExpired:
-        counts["seconds"] = None
-        counts["timeout"] = bench.args.ls_timeout
     return counts
 
 

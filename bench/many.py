@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from common import log
-from counting import counting
+from counting import timed_shell
 from harness import Bench
 from report import Row, layout
 from world import OPEN_PREFIX
@@ -55,25 +54,17 @@ def timed(bench: Bench, cmd: str, into: dict[str, Any], *, prefix: str | None = 
     """Run a shell command, with its seconds and the requests it made (API, storage)."""
     fake = bench.stage.fake
     assert fake is not None
+
+    def refused() -> None:
+        into["api_429"] = fake.counters().get("fault.api_429", 0)
+
     kwargs = {} if prefix is None else {"prefix": prefix}
-    try:
-        with counting(bench.stage, into, **kwargs):
-            t0 = time.perf_counter()
-            out = subprocess.run(
-                ["bash", "-c", cmd],
-                capture_output=True,
-                text=True,
-                timeout=bench.args.ls_timeout,
-                check=False,
-            )
-            into["seconds"] = time.perf_counter() - t0
-            into["api_429"] = fake.counters().get("fault.api_429", 0)
-        into["output"] = out.stdout.strip()[-200:]
-        if out.returncode not in (0, 1):  # zgrep and grep -c say 1 when nothing matched
-            into["error"] = out.stderr.strip()[-300:]
-    except subprocess.TimeoutExpired:
-        into["seconds"] = None
-        into["timeout"] = bench.args.ls_timeout
+    out = timed_shell(bench.stage, cmd, into, bench.args.ls_timeout, also=refused, **kwargs)
+    if out is None:
+        return
+    into["output"] = out.stdout.strip()[-200:]
+    if out.returncode not in (0, 1):  # zgrep and grep -c say 1 when nothing matched
+        into["error"] = out.stderr.strip()[-300:]
 
 
 def shell_way(bench: Bench, into: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from .blockfile import (
     Format,
     artifact_hash,
     block_ad,
-    crc32,
+    block_crc32,
     pack_record,
     punch,
     pwrite_all,
@@ -138,7 +138,7 @@ class BlockReader:
         cipher = self._fmt.cipher
         data: bytes | None = None
         if cipher is None:
-            if crc32(buf) == entry.crc:
+            if block_crc32(buf) == entry.crc:
                 data = buf
         else:
             data = cipher.open(buf, block_ad(f.h, f.token, index))
@@ -205,7 +205,7 @@ class BlockReader:
             expected = self._fmt.block_length(f.version, index)
         except (OSError, ValueError):
             return False
-        if len(buf) != entry.stored or crc32(buf) != entry.crc:
+        if len(buf) != entry.stored or block_crc32(buf) != entry.crc:
             return False
         cipher = self._fmt.cipher
         if cipher is None:

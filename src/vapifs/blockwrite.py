@@ -24,7 +24,7 @@ from .blockfile import (
     Key,
     artifact_hash,
     block_ad,
-    crc32,
+    block_crc32,
     file_path,
     pack_record,
     punch,
@@ -65,7 +65,7 @@ class BlockWriter:
         stored: bytes = data
         if self._fmt.cipher is not None:
             stored = self._fmt.cipher.seal(data, block_ad(h, token, index))
-        crc = crc32(stored)
+        crc = block_crc32(stored)
         put = self._reserve((h, token, index), version, round_up(len(stored), PAGE))
         if put is None:
             return False

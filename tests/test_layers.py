@@ -85,6 +85,7 @@ RANKS = {
     "loads": 14,
     "memory": 15,
     "writers": 15,
+    "diskreads": 15,
     "inflight": 16,
     "blocks": 17,
     "meta": 17,

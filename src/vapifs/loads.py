@@ -8,6 +8,7 @@ from collections.abc import Callable
 import trio
 
 from .blocks import BlockCache
+from .diskreads import Batch, DiskReads
 from .errors import NetworkError, VapifsError
 from .fetch import Fetcher
 from .inflight import Abandoned, Inflight, Pending
@@ -21,9 +22,6 @@ log = logging.getLogger("vapifs.reader")
 # A run of blocks fetched by one ranged request: long enough to amortise a round trip,
 # short enough that a reader waiting on the first block does not wait long.
 MAX_RUN_BLOCKS = 8
-# Blocks read from the disk per trip to a worker thread, and such trips at once.
-DISK_BATCH = 2
-DISK_PARALLEL = 2
 
 
 class Loads:
@@ -51,7 +49,7 @@ class Loads:
         self.writers = writers
         self.stats = stats
         self.block_size = cache.block_size
-        self._disk_limiter = trio.CapacityLimiter(DISK_PARALLEL)
+        self.disk = DiskReads(self._read_back, self._from_disk)
 
     def present(self, call_id: str, kind: str, token: str, index: int) -> bool:
         """In memory, or on its way there."""
@@ -65,10 +63,11 @@ class Loads:
         self.memory.put((call_id, kind, version.token(), index), data)
         await self.writers.put(call_id, kind, version, index, data)
 
-    async def collect(
+    def collect(
         self, call_id: str, kind: str, version: Version, first: int, last: int
     ) -> tuple[dict[int, bytes], dict[int, Pending], list[int]]:
-        """Blocks found in memory or on disk, blocks in flight, and blocks nobody has."""
+        """Blocks found in memory, blocks in flight (those found on disk now among them, read
+        back before anything queued), and blocks nobody has."""
         token = version.token()
         found: dict[int, bytes] = {}
         waits: dict[int, Pending] = {}
@@ -93,7 +92,7 @@ class Loads:
         )
         if on_disk:
             waits.update(on_disk)
-            await self.load_from_disk(call_id, kind, version, on_disk)
+            self.disk.put(call_id, kind, version, on_disk, urgent=True)
         return found, waits, missing
 
     def refetcher(self, call_id: str, kind: str, version: Version) -> Callable[[int], Pending]:
@@ -170,45 +169,36 @@ class Loads:
     def load_in_background(
         self, call_id: str, kind: str, version: Version, indexes: list[int]
     ) -> None:
-        """Bring blocks known to be on disk into memory, without waiting for them."""
-        for at in range(0, len(indexes), DISK_BATCH):
-            pendings = self.inflight.register(
-                call_id, kind, version, indexes[at : at + DISK_BATCH], network=False
-            )
-            self._nursery.start_soon(self.load_from_disk, call_id, kind, version, pendings)
+        """Bring blocks known to be on disk into memory, in order, without waiting for them."""
+        pendings = self.inflight.register(call_id, kind, version, indexes, network=False)
+        self.disk.put(call_id, kind, version, pendings, urgent=False)
 
-    async def load_from_disk(
-        self, call_id: str, kind: str, version: Version, pendings: dict[int, Pending]
-    ) -> None:
-        """Bring blocks from the disk cache into memory, a few per trip to a worker thread.
+    def _read_back(
+        self, call_id: str, kind: str, version: Version, indexes: list[int]
+    ) -> list[bytes | None]:
+        """Blocks from the disk cache, checked (in a thread of the disk reads)."""
+        return self.cache.get_many(call_id, kind, version, indexes)
 
-        Small batches hand the first blocks to a waiting reader early; two loaders at a
-        time keep both cores busy.
-        """
+    def _from_disk(self, batch: Batch, result: list[bytes | None] | BaseException) -> None:
+        """A batch read back (in trio): blocks to memory and their readers; blocks gone from
+        the disk (evicted, damaged) to the network."""
+        call_id, kind, version = batch.call_id, batch.kind, batch.version
         token = version.token()
-        indexes = sorted(pendings)
+        pendings = batch.pendings
+        if isinstance(result, BaseException):
+            error = NetworkError(f"{call_id}/{kind}: disk read failed ({result})")
+            for index, pending in pendings.items():
+                self.inflight.fail((call_id, kind, token, index), pending, error)
+            return
         missing: dict[int, Pending] = {}
-        for at in range(0, len(indexes), DISK_BATCH):
-            batch = indexes[at : at + DISK_BATCH]
-            try:
-                async with self._disk_limiter:
-                    datas = await trio.to_thread.run_sync(
-                        self.cache.get_many, call_id, kind, version, batch
-                    )
-            except BaseException:
-                for index in indexes[at:]:
-                    error = NetworkError(f"{call_id}/{kind}: disk read interrupted")
-                    self.inflight.fail((call_id, kind, token, index), pendings[index], error)
-                raise
-            for index, data in zip(batch, datas, strict=True):
-                pending = pendings[index]
-                if data is None:
-                    pending.network, pending.started = True, trio.current_time()
-                    missing[index] = pending
-                    continue
-                self.stats.blocks_from_disk += 1
-                self.stats.bytes_from_disk += len(data)
-                self.memory.put((call_id, kind, token, index), data)
-                self.inflight.settle((call_id, kind, token, index), pending, data)
-        # Blocks that vanished from the disk (evicted, damaged) come from the network instead.
+        for index, data in zip(batch.indexes, result, strict=True):
+            pending = pendings[index]
+            if data is None:
+                pending.network, pending.started = True, trio.current_time()
+                missing[index] = pending
+                continue
+            self.stats.blocks_from_disk += 1
+            self.stats.bytes_from_disk += len(data)
+            self.memory.put((call_id, kind, token, index), data)
+            self.inflight.settle((call_id, kind, token, index), pending, data)
         self.spawn_runs(call_id, kind, version, missing)

@@ -100,9 +100,11 @@ class ArtifactStore:
         **options: Unpack[StoreOptions],
     ) -> ArtifactStore:
         """A store whose background work (downloads, disk loads, disk writers) runs in
-        `nursery`, the writers started before it returns; `options` as for the constructor."""
+        `nursery`, the writers and the disk reads started before it returns; `options` as
+        for the constructor."""
         store = cls(nursery, cache, meta, fetcher, **options)
         await store._writers.start(nursery)
+        await store._loads.disk.start(nursery)
         return store
 
     # -- versions (see versions.py) ------------------------------------------------------
@@ -207,7 +209,7 @@ class ArtifactStore:
         if kept is not None:
             return kept
         sequential, jump = self._ahead.note_access(stream, offset, end)
-        found, waits, missing = await self._loads.collect(call_id, kind, version, first, last)
+        found, waits, missing = self._loads.collect(call_id, kind, version, first, last)
         if missing:
             self._inflight.check_gave_up(call_id, kind)
         self._inflight.check_stuck(call_id, kind, waits)
@@ -216,7 +218,7 @@ class ArtifactStore:
             # than a block, and costs a fraction of the bytes.
             head = await self.head(call_id, kind, version)
             return head[offset:end]
-        if jump and not found and not any(p.data for p in waits.values()):
+        if jump and not found and all(p.network and p.data is None for p in waits.values()):
             assert stream is not None
             return await self._seek(call_id, kind, version, offset, end, stream)
         waits.update(self._loads.start_fetches(call_id, kind, version, missing))
@@ -290,7 +292,7 @@ class ArtifactStore:
                 await self.head(call_id, kind, version)
             return
         last = (nbytes - 1) // self.block_size
-        found, waits, missing = await self._loads.collect(call_id, kind, version, 0, last)
+        found, waits, missing = self._loads.collect(call_id, kind, version, 0, last)
         waits.update(self._loads.start_fetches(call_id, kind, version, missing))
         refetch = self._loads.refetcher(call_id, kind, version)
         await self._inflight.wait(call_id, kind, version, found, waits, 0, last, refetch)

@@ -77,8 +77,7 @@ class DiskReads:
                 left = list(self._queue)
                 self._queue.clear()
                 self._cond.notify_all()
-            for batch in left:  # nobody may be left waiting
-                self._done(batch, Closed("the disk cache's reads stopped"))
+            self._refuse(left)  # nobody may be left waiting
 
     def put(
         self,
@@ -99,16 +98,19 @@ class DiskReads:
         ]
         with self._cond:
             closed = self._closed
-            if closed:
-                pass
-            elif urgent:
-                self._queue.extendleft(reversed(batches))
-            else:
-                self._queue.extend(batches)
-            self._cond.notify(len(batches))
+            if not closed:
+                if urgent:
+                    self._queue.extendleft(reversed(batches))
+                else:
+                    self._queue.extend(batches)
+                self._cond.notify(len(batches))
         if closed:
-            for batch in batches:
-                self._done(batch, Closed("the disk cache's reads stopped"))
+            self._refuse(batches)
+
+    def _refuse(self, batches: list[Batch]) -> None:
+        """Answer batches that will never be read (in trio)."""
+        for batch in batches:
+            self._done(batch, Closed("the disk cache's reads stopped"))
 
     def _work(self) -> None:
         token = self._token

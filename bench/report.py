@@ -59,6 +59,8 @@ def vapifs_rows(b: Bench) -> list[Row]:
     rem = v["remount"]
     remount_note = (
         f"{x(v['remount_mb_s'], fc['cold_mb_s'])} FUSE ceiling cold, "
+        f"{x(v['remount_mb_s'], v['remount_ceiling_mb_s'])} the FUSE ceiling read beside "
+        f"each remount ({v['remount_ceiling_mb_s']:.0f} MB/s), "
         f"storage req {rem['storage_requests']}, API req {rem['api_requests']}"
     )
     return [

@@ -6,6 +6,7 @@ against the fake Vapi in process. Virtual time throughout: a wait that slept wou
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -221,6 +222,28 @@ async def test_32_readers_of_one_block_cause_one_download(
         assert fake.counters()["storage.bytes"] == bs
 
 
+def count_disk_reads(core: Core, monkeypatch: Any) -> tuple[list[list[int]], list[list[int]]]:
+    """The blocks read back from the disk cache from now on: by the event loop at once (those
+    the kernel holds in memory), and by the disk reads' threads."""
+    at_once: list[list[int]] = []
+    by_thread: list[list[int]] = []
+    get_many, get_cached = core.cache.get_many, core.cache.get_cached
+
+    def counted_many(call_id: str, kind: str, version: Version, indexes: list[int]) -> Any:
+        by_thread.append(list(indexes))
+        return get_many(call_id, kind, version, indexes)
+
+    def counted_cached(call_id: str, kind: str, version: Version, indexes: list[int]) -> Any:
+        now, later = get_cached(call_id, kind, version, indexes)
+        if now:
+            at_once.append(sorted(now))
+        return now, later
+
+    monkeypatch.setattr(core.cache, "get_many", counted_many)
+    monkeypatch.setattr(core.cache, "get_cached", counted_cached)
+    return at_once, by_thread
+
+
 async def test_32_readers_of_one_block_on_disk_cause_one_disk_read(
     fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock, monkeypatch: Any
 ) -> None:
@@ -230,18 +253,52 @@ async def test_32_readers_of_one_block_on_disk_cause_one_disk_read(
         assert await core.store.read(call_id, "stereo", 0, 4 * bs) == data[: 4 * bs]
     fake.reset_counters()
     async with core_of(fake, tmp_path / "cache") as core:  # a new process: memory is empty
-        loads: list[list[int]] = []
-        get_many = core.cache.get_many
-
-        def counted(call_id: str, kind: str, version: Version, indexes: list[int]) -> Any:
-            loads.append(list(indexes))
-            return get_many(call_id, kind, version, indexes)
-
-        monkeypatch.setattr(core.cache, "get_many", counted)
+        at_once, by_thread = count_disk_reads(core, monkeypatch)
         offsets = [3 * bs + i * 1000 for i in range(32)]
         got = await read_at_once(core, call_id, offsets, 4096)
         assert got == [data[o : o + 4096] for o in offsets]
-        assert loads == [[3]]
+        assert at_once + by_thread == [[3]]
+        assert fake.counters()["storage.requests"] == 0
+
+
+def drop_from_page_cache(path: Path) -> bool:
+    """Make the kernel forget the file's pages; False where it keeps them (tmpfs)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return True
+        return False
+    finally:
+        os.close(fd)
+
+
+async def test_a_block_the_kernel_holds_is_read_at_once_and_another_by_a_thread(
+    fake: FakeVapi, tmp_path: Path, clock: trio.testing.MockClock, monkeypatch: Any
+) -> None:
+    call_id, data = big_stereo(fake)
+    async with core_of(fake, tmp_path / "cache") as core:
+        bs = core.cache.block_size
+        assert await core.store.read(call_id, "stereo", 0, 7 * bs) == data[: 7 * bs]
+    fake.reset_counters()
+    async with core_of(fake, tmp_path / "cache") as core:
+        at_once, by_thread = count_disk_reads(core, monkeypatch)
+        assert (
+            await core.store.read(call_id, "stereo", 3 * bs + 5, 4096)
+            == data[3 * bs + 5 : 3 * bs + 5 + 4096]
+        )
+        assert (at_once, by_thread) == ([[3]], [])  # just written: in the page cache
+        (path,) = (tmp_path / "cache").rglob("*.vblk")
+        dropped = drop_from_page_cache(path)
+        got = await core.store.read(call_id, "stereo", 5 * bs - 100, 200)  # blocks 4 and 5
+        assert got == data[5 * bs - 100 : 5 * bs + 100]
+        if dropped:  # the event loop never waits on the disk: a thread reads them
+            assert (at_once, by_thread) == ([[3]], [[4, 5]])
+        else:
+            assert (at_once, by_thread) == ([[3], [4, 5]], [])
         assert fake.counters()["storage.requests"] == 0
 
 

@@ -9,6 +9,7 @@ recent end of the LRU, and rewrites its record's access time at most every 30 s.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -38,6 +39,13 @@ log = logging.getLogger("vapifs.cache")
 TOUCH_INTERVAL = 30.0
 
 
+class _Later:
+    """A block on disk whose bytes the kernel may not hold: a thread must read it."""
+
+
+LATER = _Later()
+
+
 @dataclass
 class VerifyReport:
     checked: int
@@ -53,15 +61,66 @@ class BlockReader:
         self._fmt = fmt
         self.hits = 0
         self.misses = 0
+        # Whether the file system reads what is in memory without waiting (RWF_NOWAIT).
+        self.nowait = hasattr(os, "RWF_NOWAIT")
 
     def get_many(
         self, call_id: str, kind: str, version: Version, indexes: list[int]
     ) -> list[bytes | None]:
         """Blocks of one artifact version, read through one open file; None where absent."""
+        got = self._get(call_id, kind, version, indexes, nowait=False)
+        return [data if isinstance(data, bytes) else None for data in got]
+
+    def get_cached(
+        self, call_id: str, kind: str, version: Version, indexes: list[int]
+    ) -> tuple[dict[int, bytes], list[int]]:
+        """Blocks whose bytes the kernel holds in memory, read (and checked) at once; and
+        those on disk the kernel may not hold, left for a thread to read. A block in neither
+        is absent (or was damaged, and is dropped)."""
+        if not self.nowait:
+            return {}, list(indexes)
+        got = self._get(call_id, kind, version, indexes, nowait=True)
+        now: dict[int, bytes] = {}
+        later: list[int] = []
+        for i, data in zip(indexes, got, strict=True):
+            if data is LATER:
+                later.append(i)
+            elif isinstance(data, bytes):
+                now[i] = data
+        return now, later
+
+    def not_in_memory(
+        self, call_id: str, kind: str, version: Version, indexes: list[int]
+    ) -> list[int]:
+        """Those of `indexes` whose bytes the kernel may not hold in memory (or that are no
+        longer on disk): what is worth reading ahead from the disk."""
+        index = self._index
+        h, token = artifact_hash(call_id, kind), version.token()
+        with index.lock:
+            f = index.files.get((h, token))
+            entries = [index.entries.get((h, token, i)) for i in indexes]
+            if f is None or not self.nowait:
+                return list(indexes)
+            index.open_files.acquire_locked(f)
+        try:
+            fd = index.fd(f)
+            if fd is None:
+                return list(indexes)
+            return [
+                i
+                for i, entry in zip(indexes, entries, strict=True)
+                if entry is None or not self._in_memory(fd, f.slot(i), entry.stored)
+            ]
+        finally:
+            index.open_files.release(f)
+
+    def _get(
+        self, call_id: str, kind: str, version: Version, indexes: list[int], *, nowait: bool
+    ) -> list[bytes | _Later | None]:
         index = self._index
         lengths = [self._fmt.block_length(version, i) for i in indexes]
         h, token = artifact_hash(call_id, kind), version.token()
-        out: list[bytes | None] = [None] * len(indexes)
+        out: list[bytes | _Later | None] = [None] * len(indexes)
         with index.lock:
             f = index.files.get((h, token))
             entries = [index.entries.get((h, token, i)) for i in indexes]
@@ -80,16 +139,26 @@ class BlockReader:
                     with index.lock:
                         self.misses += 1
                     continue
-                out[n] = self._read_block(f, fd, i, entry, length, call_id, kind)
+                out[n] = self._read_block(f, fd, i, entry, length, call_id, kind, nowait)
         finally:
             index.open_files.release(f)
         return out
 
     def _read_block(
-        self, f: BlockFile, fd: int, index: int, entry: Entry, length: int, call_id: str, kind: str
-    ) -> bytes | None:
+        self,
+        f: BlockFile,
+        fd: int,
+        index: int,
+        entry: Entry,
+        length: int,
+        call_id: str,
+        kind: str,
+        nowait: bool,
+    ) -> bytes | _Later | None:
         key = (f.h, f.token, index)
         try:
+            if nowait and not self._in_memory(fd, f.slot(index), entry.stored):
+                return LATER
             buf = os.pread(fd, entry.stored, f.slot(index))
         except OSError as e:
             log.debug("cache: cannot read a block of %s/%s #%d: %s", call_id, kind, index, e)
@@ -128,6 +197,25 @@ class BlockReader:
             with contextlib.suppress(OSError):
                 pwrite_all(fd, record, f.record_at(index))
         return data
+
+    def _in_memory(self, fd: int, at: int, size: int) -> bool:
+        """Whether the kernel holds the bytes [at, at+size) of fd in memory, as far as its
+        first, middle and last pages tell (a block is written and read whole, and leaves
+        memory whole): a read of them then waits on no disk."""
+        if not self.nowait:
+            return False
+        probe = bytearray(1)
+        try:
+            for page in (at, at + size // 2, at + size - 1):
+                if os.preadv(fd, [probe], page, os.RWF_NOWAIT) != 1:
+                    return False
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self.nowait = False  # this file system cannot read without waiting
+            return False
+        return True
 
     def _checked(
         self, f: BlockFile, index: int, entry: Entry, length: int, buf: bytes

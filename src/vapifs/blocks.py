@@ -129,6 +129,19 @@ class BlockCache:
         """Blocks of one artifact version, read through one open file; None where absent."""
         return self._reader.get_many(call_id, kind, version, indexes)
 
+    def get_cached(
+        self, call_id: str, kind: str, version: Version, indexes: list[int]
+    ) -> tuple[dict[int, bytes], list[int]]:
+        """Blocks read at once where the kernel holds their bytes in memory, and the blocks
+        on disk left for a thread to read; see BlockReader.get_cached."""
+        return self._reader.get_cached(call_id, kind, version, indexes)
+
+    def not_in_memory(
+        self, call_id: str, kind: str, version: Version, indexes: list[int]
+    ) -> list[int]:
+        """Blocks the kernel may not hold in memory, worth reading ahead from the disk."""
+        return self._reader.not_in_memory(call_id, kind, version, indexes)
+
     def put(self, call_id: str, kind: str, version: Version, index: int, data: bytes) -> bool:
         """Store one block (False when it does not fit, or the disk refuses it)."""
         return self._writer.put(call_id, kind, version, index, data)

@@ -23,6 +23,11 @@ log = logging.getLogger("vapifs.reader")
 # short enough that a reader waiting on the first block does not wait long.
 MAX_RUN_BLOCKS = 8
 
+# A read finds at most this much of its disk blocks in the kernel's memory and copies it
+# on the spot (a FUSE read is 1 MiB at most: two blocks when it straddles a boundary);
+# a larger request, a prefetch, leaves its blocks to the disk reads' threads.
+INLINE_BYTES = 2 << 20
+
 
 class Loads:
     """Where a block not in memory comes from, and who else waits for it meanwhile.
@@ -85,11 +90,22 @@ class Loads:
             else:
                 unknown.append(index)
         missing = [i for i in unknown if not self.cache.has(call_id, kind, version, i)]
+        stored = [i for i in unknown if i not in missing]
+        if stored and len(stored) * self.block_size <= INLINE_BYTES:
+            # What the kernel holds in memory is read here and now: a trip to a thread
+            # and back costs more than the copy, and a thread holding the interpreter
+            # lock slows the event loop's replies.
+            now, stored = self.cache.get_cached(call_id, kind, version, stored)
+            for index, data in now.items():
+                self.stats.blocks_from_disk += 1
+                self.stats.bytes_from_disk += len(data)
+                self.memory.put((call_id, kind, token, index), data)
+                found[index] = data
+            gone = [i for i in unknown if i not in missing and i not in now and i not in stored]
+            missing = sorted(missing + gone)  # evicted or damaged meanwhile: the network
         # In flight from now on, so that concurrent readers wait for this one disk read
         # (and a damaged block is reported and fetched once).
-        on_disk = self.inflight.register(
-            call_id, kind, version, [i for i in unknown if i not in missing], network=False
-        )
+        on_disk = self.inflight.register(call_id, kind, version, stored, network=False)
         if on_disk:
             waits.update(on_disk)
             self.disk.put(call_id, kind, version, on_disk, urgent=True)
@@ -169,7 +185,9 @@ class Loads:
     def load_in_background(
         self, call_id: str, kind: str, version: Version, indexes: list[int]
     ) -> None:
-        """Bring blocks known to be on disk into memory, in order, without waiting for them."""
+        """Bring blocks known to be on disk into memory, in order, without waiting for them:
+        those the kernel holds in memory already are left for the reader to copy itself."""
+        indexes = self.cache.not_in_memory(call_id, kind, version, indexes)
         pendings = self.inflight.register(call_id, kind, version, indexes, network=False)
         self.disk.put(call_id, kind, version, pendings, urgent=False)
 

@@ -200,8 +200,9 @@ class BlockReader:
 
     def _in_memory(self, fd: int, at: int, size: int) -> bool:
         """Whether the kernel holds the bytes [at, at+size) of fd in memory, as far as its
-        first, middle and last pages tell (a block is written and read whole, and leaves
-        memory whole): a read of them then waits on no disk."""
+        first, middle and last pages tell. A block is written and read whole, so its pages
+        mostly come and go together; should one between them be gone, the read waits on
+        the local disk for that page alone."""
         if not self.nowait:
             return False
         probe = bytearray(1)

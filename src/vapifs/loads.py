@@ -71,8 +71,9 @@ class Loads:
     def collect(
         self, call_id: str, kind: str, version: Version, first: int, last: int
     ) -> tuple[dict[int, bytes], dict[int, Pending], list[int]]:
-        """Blocks found in memory, blocks in flight (those found on disk now among them, read
-        back before anything queued), and blocks nobody has."""
+        """Blocks found in memory (those on disk in the kernel's memory read now among them),
+        blocks in flight (the other blocks on disk among them, read back by a thread before
+        anything queued), and blocks nobody has."""
         token = version.token()
         found: dict[int, bytes] = {}
         waits: dict[int, Pending] = {}

@@ -14,7 +14,7 @@ import httpcore
 import httpx
 import trio
 
-from . import __version__
+from . import __version__, h11buffer
 from .api import VapiClient
 from .blocks import BlockCache
 from .changes import Changes
@@ -70,6 +70,7 @@ def http_client(
     HTTPS_PROXY, HTTP_PROXY and NO_PROXY (or their lowercase forms) are honoured as curl does.
     """
     larger_socket_reads()
+    h11buffer.install()
     timeout = httpx.Timeout(
         connect=connect_timeout, read=stall_timeout, write=10.0, pool=read_timeout
     )

@@ -18,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 
+from vapifs import writers as writers_module
 from vapifs.core import Core, opened_core
 from vapifs.demo.server import FakeVapi
 from vapifs.version import Version
@@ -154,6 +155,61 @@ async def test_a_put_cancelled_on_a_full_queue_does_not_hold_up_flush(
             await writers.flush()
             nursery.cancel_scope.cancel()
     assert sorted(i for _, i in sink.stored) == [0, 1]
+
+
+async def test_blocks_queued_together_go_to_the_disk_in_one_trip_to_a_thread(
+    clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A trip to a thread costs the event loop a wake-up and a handover of the interpreter
+    # lock: blocks waiting in the queue go together, BATCH at most, in the order queued.
+    trips: list[int] = []
+    original = trio.to_thread.run_sync
+
+    async def run_sync(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        trips.append(len(args[0]))
+        return await original(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
+    sink = Sink()
+    writers = DiskWriters(sink, lambda call_id, kind: None, workers=1)
+    count = 1 + writers_module.BATCH + 3
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await writers.start(nursery)
+            await writers.put("c", "stereo", V1, 0, b"x")  # taken by the writer, held
+            await trio.testing.wait_all_tasks_blocked()
+            for index in range(1, count):
+                await writers.put("c", "stereo", V1, index, b"x")
+            sink.gate.set()
+            await writers.flush()
+            nursery.cancel_scope.cancel()
+    assert trips == [1, writers_module.BATCH, 3]
+    assert sink.stored == [('"one"', i) for i in range(count)]
+
+
+async def test_a_block_that_fails_to_store_leaves_the_others_of_its_trip(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Failing(Sink):
+        def put(self, call_id: str, kind: str, version: Version, index: int, data: bytes) -> bool:
+            if index == 2:
+                raise RuntimeError("no luck with this one")
+            return super().put(call_id, kind, version, index, data)
+
+    sink = Failing()
+    writers = DiskWriters(sink, lambda call_id, kind: None, workers=1)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await writers.start(nursery)
+            await writers.put("c", "stereo", V1, 0, b"x")
+            await trio.testing.wait_all_tasks_blocked()
+            for index in range(1, 5):
+                await writers.put("c", "stereo", V1, index, b"x")
+            sink.gate.set()
+            await writers.flush()
+            nursery.cancel_scope.cancel()
+    assert sorted(i for _, i in sink.stored) == [0, 1, 3, 4]
+    assert "c/stereo: cannot store block 2" in caplog.text
 
 
 async def test_a_put_before_the_writers_start_is_refused() -> None:

@@ -14,6 +14,7 @@ log = logging.getLogger("vapifs.reader")
 
 WRITERS = 2  # tasks storing fetched blocks on disk
 QUEUED = 32  # blocks waiting for a writer before those who hand more over wait too
+BATCH = 8  # blocks a writer takes from the queue at once, for one trip to its thread
 
 _Write = tuple[str, str, Version, int, bytes]  # (call id, kind, version, index, bytes)
 
@@ -84,17 +85,38 @@ class DiskWriters:
 
     async def _work(self, queue: trio.MemoryReceiveChannel[_Write]) -> None:
         async with queue:
-            async for call_id, kind, version, index, data in queue:
+            async for first in queue:
+                # What else is queued already goes along: one trip to a thread for several
+                # blocks, since each trip costs the event loop a wake-up and a handover of
+                # the interpreter lock.
+                batch = [first]
+                while len(batch) < BATCH:
+                    try:
+                        batch.append(queue.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
                 try:
-                    current = self._current(call_id, kind)
-                    if current is None or current == version:  # else superseded while queued
-                        await trio.to_thread.run_sync(
-                            self._sink.put, call_id, kind, version, index, data
-                        )
+                    todo = [w for w in batch if self._still_current(w)]
+                    if todo:
+                        await trio.to_thread.run_sync(self._store, todo)
                 except Exception:  # a bug here must not stop every later block being stored
-                    log.exception("%s/%s: cannot store block %d", call_id, kind, index)
+                    log.exception("cannot store %d blocks", len(batch))
                 finally:
-                    await self._settle()
+                    for _ in batch:
+                        await self._settle()
+
+    def _still_current(self, write: _Write) -> bool:
+        """Not superseded while queued: an old version's block is never stored."""
+        current = self._current(write[0], write[1])
+        return current is None or current == write[2]
+
+    def _store(self, todo: list[_Write]) -> None:
+        """Store blocks one after another (in a thread); one that fails leaves the rest."""
+        for call_id, kind, version, index, data in todo:
+            try:
+                self._sink.put(call_id, kind, version, index, data)
+            except Exception:  # a bug here must not stop every later block being stored
+                log.exception("%s/%s: cannot store block %d", call_id, kind, index)
 
     async def _settle(self) -> None:
         self._unsettled -= 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vapifs.demo.server import FakeVapi
+from vapifs.loads import MAX_RUN_BLOCKS
 
 from .blockfiles import files_of, records
 from .conftest import MountFactory
@@ -40,6 +41,26 @@ def test_a_sequential_read_goes_out_as_few_large_requests(mount_factory: MountFa
         gets = fake.counters()[f"storage.get:{call_id}/stereo"]
         # 48 MB in runs of up to 8 MiB: a handful of requests, not one per block.
         assert gets <= len(data) // (4 * MIB) + 4, gets
+        m.stop()
+
+
+def test_a_long_stream_asks_for_whole_runs_once_its_window_has_grown(
+    mount_factory: MountFactory,
+) -> None:
+    # Read-ahead tops up a run at a time: a top-up of a run and one block more would send
+    # that block as a request of its own, nearly doubling the requests of a long stream.
+    with FakeVapi(seed=13, big_stereo_mb=100) as fake:
+        m = mount_factory(server=fake, name="runs")
+        call_id, data = big_call(fake)
+        fake.reset_counters()
+        with open(m.calls / call_id / "stereo.wav", "rb", buffering=0) as f:
+            got = b"".join(iter(lambda: f.read(MIB), b""))
+        assert got == data
+        gets = fake.counters()[f"storage.get:{call_id}/stereo"]
+        blocks = -(-len(data) // MIB)
+        # The window's first reads ask for a few blocks at a time (six requests for the
+        # first 13 blocks, two to spare), then each request is a run of MAX_RUN_BLOCKS.
+        assert gets <= 8 + -(-(blocks - 13) // MAX_RUN_BLOCKS), (gets, blocks)
         m.stop()
 
 

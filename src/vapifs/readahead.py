@@ -80,12 +80,19 @@ class ReadAhead:
         bs = self.block_size
         stream.window = min(max(1, stream.window * 2), self._max_blocks)
         current = (end - 1) // bs
-        if stream.ahead_until - current > max(stream.window // 2, stream.window - MAX_RUN_BLOCKS):
+        # Topped up once `ahead_until - current` is down to this: the top-up then asks for
+        # exactly a run (or half the window while it is small), never a run and one block
+        # more, which goes out as a request of its own.
+        low = max(stream.window // 2, stream.window - MAX_RUN_BLOCKS) + 1
+        if stream.ahead_until - current > low:
             return
         token = version.token()
         last_block = (version.size - 1) // bs
         start = max(current + 1, stream.ahead_until)
         stop = min(current + 1 + stream.window, last_block + 1)
+        if stop - start > MAX_RUN_BLOCKS and stop <= last_block:
+            # Whole runs only (the window grew): the odd blocks go with the next top-up.
+            stop -= (stop - start) % MAX_RUN_BLOCKS
         stream.ahead_until = max(stream.ahead_until, stop)
         wanted: list[int] = []
         on_disk: list[int] = []

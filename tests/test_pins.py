@@ -16,6 +16,7 @@ from packaging.utils import canonicalize_name
 
 from vapifs.core import SOCKET_READ, http_client
 from vapifs.demo.server import FakeVapi
+from vapifs.tlsstream import TLSStream
 
 from .conftest import ROOT, over_tls
 
@@ -71,14 +72,18 @@ async def test_connections_read_a_mebibyte_at_a_time(
 ) -> None:
     # The client raises httpcore's per-read size (64 KiB by default): a release that renames
     # READ_NUM_BYTES, or reads some other way, must fail here rather than make reads slower.
+    # Over https the reads are TLSStream's (it replaces trio's SSLStream): watch both.
     sizes: list[int] = []
-    original = trio_backend.TrioStream.read
+    for stream in (trio_backend.TrioStream, TLSStream):
+        original = stream.read
 
-    async def read(self: Any, max_bytes: int, timeout: float | None = None) -> bytes:
-        sizes.append(max_bytes)
-        return await original(self, max_bytes, timeout)
+        async def read(
+            self: Any, max_bytes: int, timeout: float | None = None, original: Any = original
+        ) -> bytes:
+            sizes.append(max_bytes)
+            return await original(self, max_bytes, timeout)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(trio_backend.TrioStream, "read", read)
+        monkeypatch.setattr(stream, "read", read)
     ca = Path(fake.ca_file) if fake.ca_file else None
     async with http_client(read_timeout=10, stall_timeout=5, ca_file=ca) as client:
         response = await client.get(

@@ -14,7 +14,7 @@ import httpcore
 import httpx
 import trio
 
-from . import __version__, h11buffer
+from . import __version__, h11buffer, tlsstream
 from .api import VapiClient
 from .blocks import BlockCache
 from .changes import Changes
@@ -71,6 +71,7 @@ def http_client(
     """
     larger_socket_reads()
     h11buffer.install()
+    tlsstream.install()
     timeout = httpx.Timeout(
         connect=connect_timeout, read=stall_timeout, write=10.0, pool=read_timeout
     )

@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpcore
 import pytest
 from httpcore._backends import trio as trio_backend
@@ -16,6 +17,7 @@ from packaging.utils import canonicalize_name
 
 from vapifs.core import SOCKET_READ, http_client
 from vapifs.demo.server import FakeVapi
+from vapifs.h11buffer import BodyBuffer
 from vapifs.tlsstream import TLSStream
 
 from .conftest import ROOT, over_tls
@@ -72,8 +74,10 @@ async def test_connections_read_a_mebibyte_at_a_time(
 ) -> None:
     # The client raises httpcore's per-read size (64 KiB by default): a release that renames
     # READ_NUM_BYTES, or reads some other way, must fail here rather than make reads slower.
-    # Over https the reads are TLSStream's (it replaces trio's SSLStream): watch both.
+    # Over https the reads must be TLSStream's, which replaces trio's SSLStream (one 16 KiB
+    # record per read): a release that moves httpcore's start_tls must fail here too.
     sizes: list[int] = []
+    readers: set[str] = set()
     for stream in (trio_backend.TrioStream, TLSStream):
         original = stream.read
 
@@ -81,6 +85,7 @@ async def test_connections_read_a_mebibyte_at_a_time(
             self: Any, max_bytes: int, timeout: float | None = None, original: Any = original
         ) -> bytes:
             sizes.append(max_bytes)
+            readers.add(type(self).__name__)
             return await original(self, max_bytes, timeout)  # type: ignore[no-any-return]
 
         monkeypatch.setattr(stream, "read", read)
@@ -92,3 +97,6 @@ async def test_connections_read_a_mebibyte_at_a_time(
         assert response.status_code == 200 and len(response.content) > 64 * 1024
     assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == SOCKET_READ
     assert sizes and set(sizes) == {SOCKET_READ}, sizes
+    assert readers == ({"TLSStream"} if fake.ca_file else {"TrioStream"}), readers
+    # And h11 hands bodies on uncopied: its connections get BodyBuffer.
+    assert type(h11.Connection(h11.CLIENT)._receive_buffer) is BodyBuffer

@@ -74,6 +74,9 @@ class TLSStream(AsyncNetworkStream):
 
     async def _fill(self) -> None:
         """Wait for bytes from the socket and give them to OpenSSL."""
+        if self._incoming.eof:
+            # OpenSSL wants more after the end: nothing will come (never wait in a loop).
+            raise trio.BrokenResourceError("the connection closed")
         data = await self._transport.receive_some(RAW_READ)
         if data:
             self._incoming.write(data)
@@ -98,7 +101,7 @@ class TLSStream(AsyncNetworkStream):
             try:
                 piece = self._ssl.read(max_bytes - got)
             except ssl.SSLWantReadError:
-                if got:
+                if got or self._incoming.eof:
                     break  # what had come in is all decrypted: hand it on
                 await self._flush()
                 await self._fill()

@@ -53,8 +53,8 @@ class BodyBuffer(ReceiveBuffer):
 
     def maybe_extract_at_most(self, count: int) -> bytearray | None:
         data = self._data
-        if not data:
-            return None
+        if not data or count <= 0:
+            return None  # as h11's own: nothing to take is None, not an empty piece
         if len(data) > count:
             return self._extract(count)
         # All of it: handed over as it is, no copy.

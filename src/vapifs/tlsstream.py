@@ -17,6 +17,8 @@ behind an HTTPS proxy) is a TLSStream over a TLSStream.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import trio
@@ -31,8 +33,19 @@ RAW_READ = 1 << 20
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError)
 
 
-def _deadline(timeout: float | None) -> float:
-    return float("inf") if timeout is None else timeout
+@contextmanager
+def _bounded(
+    timeout: float | None, what: str, timed_out: type[Exception], broken: type[Exception]
+) -> Iterator[None]:
+    """Within `timeout` (None: no bound), with a timeout and a broken connection raised as
+    the httpcore errors `timed_out` and `broken` that its callers expect."""
+    try:
+        with trio.fail_after(float("inf") if timeout is None else timeout):
+            yield
+    except trio.TooSlowError as exc:
+        raise timed_out(f"{what} timed out") from exc
+    except _BROKEN as exc:
+        raise broken(str(exc)) from exc
 
 
 class TLSStream(AsyncNetworkStream):
@@ -52,25 +65,24 @@ class TLSStream(AsyncNetworkStream):
         )
 
     async def handshake(self, timeout: float | None) -> None:
-        try:
-            with trio.fail_after(_deadline(timeout)):
-                while True:
-                    try:
-                        self._ssl.do_handshake()
-                        break
-                    except ssl.SSLWantReadError:
-                        await self._flush()
-                        await self._fill()
-                await self._flush()
-        except trio.TooSlowError as exc:
-            raise ConnectTimeout(str(exc) or "TLS handshake timed out") from exc
-        except _BROKEN as exc:
-            raise ConnectError(str(exc)) from exc
+        with _bounded(timeout, "TLS handshake", ConnectTimeout, ConnectError):
+            while True:
+                try:
+                    self._ssl.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await self._exchange()
+            await self._flush()
 
     async def _flush(self) -> None:
         """Send what OpenSSL has written."""
         if self._outgoing.pending:
             await self._transport.send_all(self._outgoing.read())
+
+    async def _exchange(self) -> None:
+        """OpenSSL wants the peer's bytes: send what it wrote first, then wait for them."""
+        await self._flush()
+        await self._fill()
 
     async def _fill(self) -> None:
         """Wait for bytes from the socket and give them to OpenSSL."""
@@ -84,13 +96,8 @@ class TLSStream(AsyncNetworkStream):
             self._incoming.write_eof()
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        try:
-            with trio.fail_after(_deadline(timeout)):
-                return await self._read(max_bytes)
-        except trio.TooSlowError as exc:
-            raise ReadTimeout(str(exc) or "read timed out") from exc
-        except _BROKEN as exc:
-            raise ReadError(str(exc)) from exc
+        with _bounded(timeout, "read", ReadTimeout, ReadError):
+            return await self._read(max_bytes)
 
     async def _read(self, max_bytes: int) -> bytes:
         # Records already in may be decrypted without waiting: a cancel is still seen.
@@ -103,8 +110,7 @@ class TLSStream(AsyncNetworkStream):
             except ssl.SSLWantReadError:
                 if got or self._incoming.eof:
                     break  # what had come in is all decrypted: hand it on
-                await self._flush()
-                await self._fill()
+                await self._exchange()
                 continue
             except ssl.SSLZeroReturnError:
                 break  # the server closed TLS cleanly: the end of the stream
@@ -125,22 +131,16 @@ class TLSStream(AsyncNetworkStream):
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if not buffer:
             return
-        try:
-            with trio.fail_after(_deadline(timeout)):
-                view = memoryview(buffer)
-                while view:
-                    try:
-                        sent = self._ssl.write(view)
-                    except ssl.SSLWantReadError:  # a renegotiation wants the peer first
-                        await self._flush()
-                        await self._fill()
-                        continue
-                    view = view[sent:]
-                await self._flush()
-        except trio.TooSlowError as exc:
-            raise WriteTimeout(str(exc) or "write timed out") from exc
-        except _BROKEN as exc:
-            raise WriteError(str(exc)) from exc
+        with _bounded(timeout, "write", WriteTimeout, WriteError):
+            view = memoryview(buffer)
+            while view:
+                try:
+                    sent = self._ssl.write(view)
+                except ssl.SSLWantReadError:  # a renegotiation wants the peer first
+                    await self._exchange()
+                    continue
+                view = view[sent:]
+            await self._flush()
 
     async def aclose(self) -> None:
         # As SSLStream with https_compatible=True: no waiting for the server's close_notify.
